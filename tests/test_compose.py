@@ -1,0 +1,44 @@
+"""No Docker engine runs here, so the compose file and Dockerfile are checked by reading them."""
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_ports_and_volumes():
+    spec = compose()
+    assert set(spec["services"]) == {"app", "db", "ollama"}
+    app, db, ollama = (spec["services"][name] for name in ("app", "db", "ollama"))
+    assert any(str(port).endswith(":8000") for port in app["ports"])
+    assert any(str(port).endswith(":11434") for port in ollama["ports"])
+    assert "ollama_data:/root/.ollama" in ollama["volumes"]
+    assert any(v.startswith("postgres_data:") for v in db["volumes"])
+    assert {"postgres_data", "ollama_data"} <= set(spec["volumes"])
+    assert "healthcheck" in db and "healthcheck" in ollama
+    assert app["depends_on"] == {"db": {"condition": "service_healthy"},
+                                 "ollama": {"condition": "service_healthy"}}
+    assert app["environment"]["OLLAMA_URL"] == "http://ollama:11434"
+    assert app["environment"]["DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "@db:5432/" in app["environment"]["DATABASE_URL"]
+
+
+def test_every_app_setting_is_wired():
+    """Each variable in .env.example that the app reads reaches the app container."""
+    names = re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M)
+    wired = compose()["services"]["app"]["environment"]
+    missing = [name for name in names if name not in wired and name not in {"OLLAMA_URL"}]
+    assert missing == []
+
+
+def test_dockerfile_shape():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+-slim", text, re.M)
+    assert text.index("COPY requirements.txt") < text.index("pip install") < text.index("COPY --chown=app:app webapp")
+    assert re.search(r"^USER app", text, re.M)
+    assert "flask db upgrade && exec gunicorn" in text

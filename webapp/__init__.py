@@ -1,0 +1,94 @@
+"""llm_api_assistant: a chat app in front of a local LLM server, with a browser UI and a JSON API."""
+import logging
+import sys
+
+from flask import Flask, request
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from werkzeug.exceptions import HTTPException
+
+from . import config as config_module
+from .extensions import csrf, db, htmx, login_manager, migrate
+from .logs import init_request_ids, setup_logging
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+def create_app(overrides=None):
+    """The app factory (`flask` finds it; gunicorn runs 'webapp:create_app()')."""
+    app = Flask(__name__, instance_path=str(config_module.INSTANCE_DIR),
+                template_folder=str(config_module.ROOT / "templates"),
+                static_folder=str(config_module.ROOT / "static"))
+    app.config.update(config_module.load_config())
+    app.config.update(overrides or {})
+    _check_secret_key(app)
+    setup_logging(app.config["LOG_LEVEL"])
+    _prepare_database(app)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(config_module.ROOT / "migrations"))
+    login_manager.init_app(app)
+    csrf.init_app(app)
+    htmx.init_app(app)
+    init_request_ids(app)
+
+    from . import models  # noqa: F401  (register the tables with SQLAlchemy)
+    from .api import bp as api_bp
+    csrf.exempt(api_bp)  # bearer tokens, not cookies: no CSRF exposure
+    app.register_blueprint(api_bp)
+    from .web import init_web
+    init_web(app)
+    from .cli import register_cli
+    register_cli(app)
+    _register_error_handlers(app)
+    return app
+
+
+def _check_secret_key(app):
+    if app.config.get("DEBUG") or app.config.get("TESTING"):
+        if not app.config.get("SECRET_KEY"):
+            app.config["SECRET_KEY"] = "insecure-development-key-" + "x" * 16
+        return
+    problem = config_module.secret_key_problem(app.config)
+    if problem:
+        message = (f"refusing to start: {problem}; set a random one, e.g. "
+                   "SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')")
+        print(message, file=sys.stderr)
+        raise ConfigError(message)
+
+
+def _prepare_database(app):
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    if uri.startswith("sqlite:///"):
+        config_module.INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
+        options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+        # Generation threads and request threads write concurrently: wait for the lock, don't fail.
+        options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, record):
+    """WAL lets readers (stream followers) work while a generation thread writes."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+
+def _register_error_handlers(app):
+    from .api.errors import http_error_as_json, is_api_request
+    from .web.errors import http_error_page, internal_error_page
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return http_error_as_json(exc) if is_api_request() else http_error_page(exc)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        logging.getLogger("webapp").exception("unhandled error on %s %s", request.method, request.path)
+        db.session.rollback()
+        if is_api_request():
+            from .api.errors import error_response
+            return error_response(500, "internal_error", "something went wrong on our side")
+        return internal_error_page()

@@ -1,0 +1,25 @@
+"""POST /auth/login: the OAuth2 password grant, as a form, answering a bearer token."""
+from flask import jsonify, request
+
+from ..auth import tokens
+from ..auth.passwords import authenticate
+from . import bp
+from .errors import error_response
+
+
+@bp.post("/auth/login")
+def login():
+    form = request.form
+    if form.get("grant_type") not in (None, "", "password"):
+        return error_response(400, "unsupported_grant_type", "only grant_type=password is supported",
+                              "grant_type")
+    for field in ("username", "password"):
+        if not form.get(field):
+            return error_response(422, "invalid_field", f"{field} is required (form field)", field)
+    user = authenticate(form["username"], form["password"])
+    if user is None:
+        # Same answer whether the user is missing, inactive or the password is wrong.
+        return error_response(401, "invalid_credentials", "incorrect username or password",
+                              headers={"WWW-Authenticate": "Bearer"})
+    token, lifetime = tokens.issue(user)
+    return jsonify({"access_token": token, "token_type": "bearer", "expires_in": lifetime})

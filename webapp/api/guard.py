@@ -1,0 +1,39 @@
+"""Bearer-token guard for API views."""
+from functools import wraps
+
+from flask import g, request
+
+from ..auth import tokens
+from .errors import error_response
+
+
+def token_required(view):
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _unauthorized("missing bearer token")
+        try:
+            g.api_user = tokens.verify(token.strip())
+        except tokens.TokenError as exc:
+            return _unauthorized(str(exc))
+        return view(*args, **kwargs)
+    return wrapped
+
+
+def _unauthorized(message):
+    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer'})
+
+
+def json_body():
+    """The request's JSON object, or a ChatError naming what is wrong with it."""
+    from ..chat import ChatError
+    if not request.is_json:
+        raise ChatError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
+    data = request.get_json(silent=True)
+    if data is None:
+        raise ChatError(400, "malformed_json", "the request body is not valid JSON")
+    if not isinstance(data, dict):
+        raise ChatError(422, "invalid_body", "the JSON body must be an object")
+    return data

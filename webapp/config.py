@@ -1,0 +1,106 @@
+"""Configuration: every setting comes from the environment (a `.env` file is read when present).
+
+`.env.example` lists each variable with its default; keep the two in step.
+"""
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_DIR = ROOT / "instance"
+
+# Values people copy from examples: refusing them is the point of the check.
+WEAK_SECRETS = {"", "dev", "secret", "changeme", "change-me", "please-change-me", "your-secret-key"}
+MIN_SECRET_LENGTH = 32
+
+
+def _bool(name, default):
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def _float(name, default):
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+def ollama_base_url(url=None, legacy=None):
+    """OLLAMA_URL is a base URL; the seed's OLLAMA_API_URL pointed at /api/generate. Accept both."""
+    if url:
+        return url.rstrip("/")
+    if legacy:
+        legacy = legacy.rstrip("/")
+        for suffix in ("/api/generate", "/api/chat", "/api"):
+            if legacy.endswith(suffix):
+                return legacy[: -len(suffix)]
+        return legacy
+    return "http://localhost:11434"
+
+
+def _database_url():
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if not url:
+        return f"sqlite:///{INSTANCE_DIR / 'llm_api_assistant.db'}"
+    # psycopg 3 is the driver; accept the common shorthands operators paste.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def load_config():
+    """Read the environment into a plain dict of Flask config keys."""
+    load_dotenv(ROOT / ".env", override=False)
+    return {
+        "SECRET_KEY": os.environ.get("SECRET_KEY", ""),
+        "DEBUG": _bool("FLASK_DEBUG", False),
+        "SQLALCHEMY_DATABASE_URI": _database_url(),
+        "LLM_BACKEND": os.environ.get("LLM_BACKEND", "ollama").strip().lower(),
+        "OLLAMA_URL": ollama_base_url(os.environ.get("OLLAMA_URL"), os.environ.get("OLLAMA_API_URL")),
+        "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL", "http://localhost:8080/v1").rstrip("/"),
+        "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", ""),
+        "DEFAULT_MODEL": os.environ.get("DEFAULT_MODEL", "llama3.2"),
+        "LLM_CONNECT_TIMEOUT": _float("LLM_CONNECT_TIMEOUT", 5.0),
+        "LLM_READ_TIMEOUT": _float("LLM_READ_TIMEOUT", 120.0),
+        "OLLAMA_LOAD_TIMEOUT": _float("OLLAMA_LOAD_TIMEOUT", 300.0),
+        "OLLAMA_KEEP_ALIVE": os.environ.get("OLLAMA_KEEP_ALIVE", "").strip() or None,
+        "LLM_TEMPERATURE": _float("LLM_TEMPERATURE", -1.0),
+        "LLM_NUM_CTX": _int("LLM_NUM_CTX", 0),
+        "LLM_NUM_PREDICT": _int("LLM_NUM_PREDICT", 0),
+        "TOKEN_EXPIRES_MINUTES": _int("TOKEN_EXPIRES_MINUTES", 60),
+        "MAX_PROMPT_CHARS": _int("MAX_PROMPT_CHARS", 32_000),
+        "CONTEXT_MAX_MESSAGES": _int("CONTEXT_MAX_MESSAGES", 40),
+        "CONTEXT_MAX_CHARS": _int("CONTEXT_MAX_CHARS", 24_000),
+        "MODELS_CACHE_SECONDS": _float("MODELS_CACHE_SECONDS", 30.0),
+        "STREAM_FLUSH_SECONDS": _float("STREAM_FLUSH_SECONDS", 0.25),
+        "HEARTBEAT_SECONDS": _float("HEARTBEAT_SECONDS", 1.0),
+        "STALE_AFTER_SECONDS": _float("STALE_AFTER_SECONDS", 15.0),
+        "ALLOW_SIGNUP": _bool("ALLOW_SIGNUP", True),
+        "MIN_PASSWORD_LENGTH": _int("MIN_PASSWORD_LENGTH", 8),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO").upper(),
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": _bool("SESSION_COOKIE_SECURE", False),
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "REMEMBER_COOKIE_SAMESITE": "Lax",
+        "WTF_CSRF_TIME_LIMIT": None,
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+    }
+
+
+def secret_key_problem(config):
+    """Return why the secret key is unfit for production, or None."""
+    key = config.get("SECRET_KEY") or ""
+    if key.strip().lower() in WEAK_SECRETS:
+        return "SECRET_KEY is not set"
+    if len(key) < MIN_SECRET_LENGTH:
+        return f"SECRET_KEY is shorter than {MIN_SECRET_LENGTH} characters"
+    return None

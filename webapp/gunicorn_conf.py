@@ -1,0 +1,13 @@
+"""gunicorn settings (used by the Dockerfile and `make run`): threaded workers, because each
+streaming answer holds one request thread while it waits on the model, but no database connection."""
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+timeout = 60            # worker heartbeat, not request length: long streams are fine with gthread
+graceful_timeout = 30
+keepalive = 5
+accesslog = None        # the app writes its own access line, with the request id and user
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")

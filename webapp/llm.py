@@ -1,0 +1,360 @@
+"""The one LLM client: list models, stream a chat, report health, whatever the backend.
+
+Two backends speak the same interface and raise the same typed errors:
+- OllamaClient: Ollama's native API (`/api/chat` NDJSON streams, `/api/tags`, `/api/version`);
+- OpenAIClient: any OpenAI-compatible server (vLLM, TGI, llama.cpp's server, LM Studio):
+  `/v1/models` and `/v1/chat/completions` streamed as Server-Sent Events.
+
+This module knows nothing of Flask requests or the database: the chat service feeds it plain
+lists of {"role", "content"} dicts and reads back `Chunk`s.
+"""
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+
+import requests
+import urllib3
+
+log = logging.getLogger(__name__)
+
+
+# ---- typed errors ------------------------------------------------------------------------------
+
+class LLMError(Exception):
+    """Base of every LLM failure; `code` and `status` map it to an API answer."""
+
+    code = "upstream_error"
+    status = 502
+
+    def __init__(self, message, partial=""):
+        super().__init__(message)
+        self.message = message
+
+
+class LLMUnreachable(LLMError):
+    code, status = "llm_unreachable", 503
+
+
+class LLMTimeout(LLMError):
+    code, status = "llm_timeout", 504
+
+
+class ModelNotFound(LLMError):
+    code, status = "model_not_found", 404
+
+
+class UpstreamError(LLMError):
+    code, status = "upstream_error", 502
+
+
+class Cancelled(LLMError):
+    """Raised out of a stream that was aborted on purpose (Stop)."""
+
+    code, status = "cancelled", 499
+
+
+# ---- stream pieces ------------------------------------------------------------------------------
+
+@dataclass
+class Chunk:
+    """A piece of an answer. The last one has done=True and the counters (Ollama's names)."""
+
+    text: str = ""
+    done: bool = False
+    done_reason: str | None = None
+    prompt_eval_count: int | None = None
+    eval_count: int | None = None
+    total_duration: int | None = None  # nanoseconds
+    load_duration: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_duration: int | None = None
+
+
+def _socket_of(response):
+    """The TCP socket under a streamed requests response (to shut it down from another thread)."""
+    conn = getattr(response.raw, "connection", None) or getattr(response.raw, "_connection", None)
+    return getattr(conn, "sock", None)
+
+
+class ChatStream:
+    """Iterates the Chunks of one streamed answer; `abort()` may be called from any thread.
+
+    Aborting shuts the socket down, which is what makes Ollama stop generating: a blocked
+    read in the iterating thread wakes up at once instead of at the next token.
+    """
+
+    def __init__(self, response, parse_lines, read_timeout):
+        self._response = response
+        self._parse_lines = parse_lines
+        self._aborted = threading.Event()
+        self._sock = _socket_of(response)
+        if self._sock is not None and read_timeout:
+            # The wait for headers used the (long) load timeout; between tokens the read timeout holds.
+            self._sock.settimeout(read_timeout)
+
+    def abort(self):
+        self._aborted.set()
+        try:
+            if self._sock is not None:
+                self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    @property
+    def aborted(self):
+        return self._aborted.is_set()
+
+    def close(self):
+        self._response.close()
+
+    def __iter__(self):
+        try:
+            yield from self._parse_lines(self._lines())
+        except LLMError:
+            if self.aborted:
+                raise Cancelled("stopped") from None
+            raise
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if self.aborted:
+                raise Cancelled("stopped") from None
+            raise _stream_error(exc) from exc
+        finally:
+            self.close()
+
+    def _lines(self):
+        """Split the body on newlines ourselves: multi-byte UTF-8 is only decoded per whole line."""
+        buffer = b""
+        for data in self._response.iter_content(chunk_size=4096):
+            if self.aborted:
+                raise Cancelled("stopped")
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield line.decode("utf-8")
+        if buffer.strip():
+            yield buffer.decode("utf-8")
+
+
+def _stream_error(exc):
+    text = str(exc)
+    if "timed out" in text.lower() or isinstance(exc, (requests.Timeout, socket.timeout)):
+        return LLMTimeout("the model server stopped sending text (read timeout)")
+    return UpstreamError("the connection to the model server broke mid-answer")
+
+
+# ---- the shared HTTP plumbing ---------------------------------------------------------------------
+
+class _HTTPBackend:
+    name = "base"
+
+    def __init__(self, base_url, *, connect_timeout=5.0, read_timeout=120.0, load_timeout=300.0,
+                 options=None, session=None):
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.load_timeout = max(load_timeout, read_timeout)
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        # One pooled session per process: keep-alive connections to the LLM server are reused.
+        self.session = session or requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def _request(self, method, path, *, timeout=None, **kwargs):
+        url = self.base_url + path
+        try:
+            return self.session.request(method, url, timeout=timeout or (self.connect_timeout, self.read_timeout),
+                                        **kwargs)
+        except requests.ConnectTimeout as exc:
+            raise LLMUnreachable(f"cannot reach the model server at {self.base_url}") from exc
+        except requests.Timeout as exc:
+            raise LLMTimeout(f"the model server at {self.base_url} did not answer in time") from exc
+        except requests.ConnectionError as exc:
+            raise LLMUnreachable(f"cannot reach the model server at {self.base_url}") from exc
+
+    def _json(self, response):
+        try:
+            return response.json()
+        except ValueError:
+            return {}
+
+
+# ---- Ollama ------------------------------------------------------------------------------------
+
+class OllamaClient(_HTTPBackend):
+    name = "ollama"
+
+    def __init__(self, base_url, *, keep_alive=None, **kwargs):
+        super().__init__(base_url, **kwargs)
+        self.keep_alive = keep_alive
+
+    def health(self):
+        response = self._request("GET", "/api/version", timeout=(self.connect_timeout, 5))
+        if response.status_code != 200:
+            raise UpstreamError(f"the model server answered {response.status_code}")
+        return {"backend": self.name, "url": self.base_url, "version": self._json(response).get("version")}
+
+    def list_models(self):
+        response = self._request("GET", "/api/tags", timeout=(self.connect_timeout, 10))
+        if response.status_code != 200:
+            raise UpstreamError(f"listing models failed with status {response.status_code}")
+        models = self._json(response).get("models") or []
+        return [{"name": m.get("name") or m.get("model"), "size": m.get("size"),
+                 "family": (m.get("details") or {}).get("family"),
+                 "parameter_size": (m.get("details") or {}).get("parameter_size")} for m in models]
+
+    def chat_stream(self, messages, model, options=None):
+        body = {"model": model, "messages": messages, "stream": True}
+        merged = {**self.options, **(options or {})}
+        if merged:
+            body["options"] = merged
+        if self.keep_alive is not None:
+            body["keep_alive"] = _keep_alive(self.keep_alive)
+        # Headers only come once the model is loaded: allow the load timeout for them.
+        response = self._request("POST", "/api/chat", json=body, stream=True,
+                                 timeout=(self.connect_timeout, self.load_timeout))
+        if response.status_code != 200:
+            raise self._status_error(response, model)
+        return ChatStream(response, self._parse, self.read_timeout)
+
+    def _status_error(self, response, model):
+        message = self._json(response).get("error") or f"status {response.status_code}"
+        response.close()
+        if response.status_code == 404:
+            return ModelNotFound(f"model '{model}' not found on the model server")
+        if response.status_code == 503:
+            return LLMUnreachable(f"the model server is busy: {message}")
+        return UpstreamError(f"the model server failed: {message}")
+
+    @staticmethod
+    def _parse(lines):
+        for line in lines:
+            data = json.loads(line)
+            if "error" in data:  # an error after streaming began arrives as a line under status 200
+                raise UpstreamError(f"the model server failed mid-answer: {data['error']}")
+            text = (data.get("message") or {}).get("content") or ""
+            if not data.get("done"):
+                if text:
+                    yield Chunk(text=text)
+                continue
+            yield Chunk(text=text, done=True, done_reason=data.get("done_reason"),
+                        prompt_eval_count=data.get("prompt_eval_count"), eval_count=data.get("eval_count"),
+                        total_duration=data.get("total_duration"), load_duration=data.get("load_duration"),
+                        prompt_eval_duration=data.get("prompt_eval_duration"),
+                        eval_duration=data.get("eval_duration"))
+            return
+        raise UpstreamError("the model server ended the answer without finishing it")
+
+
+def _keep_alive(value):
+    """OLLAMA_KEEP_ALIVE is seconds ("300", "-1") or a duration string ("5m")."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+# ---- OpenAI-compatible ---------------------------------------------------------------------------
+
+# Ollama option names -> chat-completions fields.
+OPENAI_OPTION_NAMES = {"temperature": "temperature", "num_predict": "max_tokens", "seed": "seed",
+                       "stop": "stop", "top_p": "top_p"}
+
+
+class OpenAIClient(_HTTPBackend):
+    name = "openai"
+
+    def __init__(self, base_url, *, api_key="", **kwargs):
+        super().__init__(base_url, **kwargs)
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def health(self):
+        self.list_models()
+        return {"backend": self.name, "url": self.base_url, "version": None}
+
+    def list_models(self):
+        response = self._request("GET", "/models", timeout=(self.connect_timeout, 10))
+        if response.status_code != 200:
+            raise UpstreamError(f"listing models failed with status {response.status_code}")
+        return [{"name": m.get("id"), "size": None, "family": None, "parameter_size": None}
+                for m in self._json(response).get("data") or []]
+
+    def chat_stream(self, messages, model, options=None):
+        body = {"model": model, "messages": messages, "stream": True,
+                "stream_options": {"include_usage": True}}
+        for key, value in {**self.options, **(options or {})}.items():
+            if key in OPENAI_OPTION_NAMES:
+                body[OPENAI_OPTION_NAMES[key]] = value
+        response = self._request("POST", "/chat/completions", json=body, stream=True,
+                                 timeout=(self.connect_timeout, self.load_timeout))
+        if response.status_code != 200:
+            raise self._status_error(response, model)
+        return ChatStream(response, self._parse, self.read_timeout)
+
+    def _status_error(self, response, model):
+        error = self._json(response).get("error")
+        message = (error or {}).get("message") if isinstance(error, dict) else error
+        response.close()
+        if response.status_code == 404:
+            return ModelNotFound(f"model '{model}' not found on the model server")
+        if response.status_code == 503:
+            return LLMUnreachable(f"the model server is busy: {message}")
+        return UpstreamError(f"the model server failed: {message or response.status_code}")
+
+    @staticmethod
+    def _parse(lines):
+        final = Chunk(done=True)
+        for line in lines:
+            if not line.startswith("data:"):
+                continue  # SSE comments, event names, ids
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                yield final
+                return
+            data = json.loads(payload)
+            if "error" in data:
+                error = data["error"]
+                raise UpstreamError(f"the model server failed mid-answer: "
+                                    f"{error.get('message') if isinstance(error, dict) else error}")
+            for choice in data.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    yield Chunk(text=text)
+                if choice.get("finish_reason"):
+                    final.done_reason = choice["finish_reason"]
+            usage = data.get("usage")
+            if usage:
+                final.prompt_eval_count = usage.get("prompt_tokens")
+                final.eval_count = usage.get("completion_tokens")
+        if final.done_reason:  # some servers end without [DONE]
+            yield final
+            return
+        raise UpstreamError("the model server ended the answer without finishing it")
+
+
+# ---- construction --------------------------------------------------------------------------------
+
+def model_options(config):
+    """The generation options the operator set (Ollama names); unset ones are left to the server."""
+    options = {}
+    if config.get("LLM_TEMPERATURE", -1) >= 0:
+        options["temperature"] = config["LLM_TEMPERATURE"]
+    if config.get("LLM_NUM_CTX"):
+        options["num_ctx"] = config["LLM_NUM_CTX"]
+    if config.get("LLM_NUM_PREDICT"):
+        options["num_predict"] = config["LLM_NUM_PREDICT"]
+    return options
+
+
+def client_from_config(config):
+    common = {"connect_timeout": config["LLM_CONNECT_TIMEOUT"], "read_timeout": config["LLM_READ_TIMEOUT"],
+              "load_timeout": config["OLLAMA_LOAD_TIMEOUT"], "options": model_options(config)}
+    if config["LLM_BACKEND"] == "openai":
+        return OpenAIClient(config["OPENAI_BASE_URL"], api_key=config["OPENAI_API_KEY"], **common)
+    if config["LLM_BACKEND"] != "ollama":
+        raise ValueError(f"LLM_BACKEND must be 'ollama' or 'openai', not {config['LLM_BACKEND']!r}")
+    return OllamaClient(config["OLLAMA_URL"], keep_alive=config["OLLAMA_KEEP_ALIVE"], **common)

@@ -1,0 +1,63 @@
+"""Request ids and logging: every log line of a request carries its id, and each request gets one
+access line (method, path, status, duration, user)."""
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from flask import g, request
+
+request_id_var = contextvars.ContextVar("request_id", default="-")
+access_log = logging.getLogger("webapp.access")
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record):
+        record.request_id = request_id_var.get()
+        return True
+
+
+def setup_logging(level):
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    root = logging.getLogger("webapp")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def init_request_ids(app):
+    @app.before_request
+    def assign_request_id():
+        incoming = request.headers.get("X-Request-ID", "")
+        # Take the caller's id when it is sane, so a trace crosses services; otherwise make one.
+        g.request_id = incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.started = time.monotonic()
+        request_id_var.set(g.request_id)
+
+    @app.after_request
+    def log_access(response):
+        request_id = g.get("request_id") or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        method, path, started, user = request.method, request.path, g.get("started", time.monotonic()), _user()
+
+        def write():
+            # Runs when the body is fully sent: durations of streams are their whole length.
+            token = request_id_var.set(request_id)
+            access_log.info("%s %s %s %.1fms user=%s", method, path, response.status_code,
+                            (time.monotonic() - started) * 1000, user)
+            request_id_var.reset(token)
+
+        response.call_on_close(write)
+        return response
+
+
+def _user():
+    user = g.get("api_user")
+    if user is None:
+        from flask_login import current_user
+        user = current_user if getattr(current_user, "is_authenticated", False) else None
+    return user.username if user is not None else "-"

@@ -1,0 +1,171 @@
+"""The data: users, their conversations, and one row per message."""
+from datetime import datetime, timezone
+
+from flask_login import UserMixin
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, BigInteger, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .extensions import db
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(db.TypeDecorator):
+    """Timezone-aware UTC datetimes on PostgreSQL and SQLite alike (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+# Message lifecycle. "interrupted" = the worker generating it died; its partial text is kept.
+PENDING, STREAMING, COMPLETE, ERROR, CANCELLED, INTERRUPTED = (
+    "pending", "streaming", "complete", "error", "cancelled", "interrupted")
+ACTIVE_STATUSES = (PENDING, STREAMING)
+FINAL_STATUSES = (COMPLETE, ERROR, CANCELLED, INTERRUPTED)
+
+
+class User(UserMixin, db.Model):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Stored lower-cased, which makes the unique constraint case-insensitive on every database.
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Bumped on password change / sign-out-everywhere: old JWTs and sessions stop working.
+    token_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    conversations = relationship("Conversation", back_populates="user", cascade="all, delete-orphan",
+                                 passive_deletes=True)
+
+    @staticmethod
+    def normalize(username):
+        return (username or "").strip().lower()
+
+    def set_password(self, password):
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password):
+        return check_password_hash(self.password_hash, password or "")
+
+    def get_id(self):
+        # flask-login keeps this in the session; a bumped version ends old sessions.
+        return f"{self.id}:{self.token_version}"
+
+
+class Conversation(db.Model):
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_user_updated", "user_id", "updated_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    title: Mapped[str] = mapped_column(String(200), default="New chat")
+    model: Mapped[str] = mapped_column(String(200))
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    # Kept up to date by the chat service so lists need no COUNT over long chats.
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The assistant message being generated right now, if any: one turn at a time per conversation.
+    active_message_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    user = relationship("User", back_populates="conversations")
+    messages = relationship("Message", back_populates="conversation", cascade="all, delete-orphan",
+                            passive_deletes=True, order_by="Message.id", lazy="dynamic")
+
+    def to_dict(self):
+        return {
+            "id": self.id,
+            "title": self.title,
+            "model": self.model,
+            "system_prompt": self.system_prompt,
+            "message_count": self.message_count,
+            "generating": self.active_message_id is not None,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+class Message(db.Model):
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default=COMPLETE)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    done_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Nanoseconds, as Ollama reports them.
+    total_duration: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    load_duration: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    prompt_eval_duration: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    eval_duration: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Set by Stop from any worker; the generating worker polls it.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Touched by the generating worker while it works; a stale heartbeat means the worker died.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    conversation = relationship("Conversation", back_populates="messages")
+
+    @property
+    def tokens_per_second(self):
+        if self.completion_tokens and self.eval_duration:
+            return round(self.completion_tokens / self.eval_duration * 1e9, 1)
+        return None
+
+    def to_dict(self):
+        return {
+            "id": self.id,
+            "conversation_id": self.conversation_id,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "error": {"code": self.error_code, "message": self.error} if self.error_code else None,
+            "model": self.model,
+            "request_id": self.request_id,
+            "done_reason": self.done_reason,
+            "usage": usage_dict(self),
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def usage_dict(message):
+    prompt, completion = message.prompt_tokens, message.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": (prompt or 0) + (completion or 0) if prompt is not None or completion is not None else None,
+        "total_duration_ms": _ms(message.total_duration),
+        "load_duration_ms": _ms(message.load_duration),
+        "prompt_eval_duration_ms": _ms(message.prompt_eval_duration),
+        "eval_duration_ms": _ms(message.eval_duration),
+        "tokens_per_second": message.tokens_per_second,
+    }
+
+
+def _ms(nanoseconds):
+    return round(nanoseconds / 1e6, 1) if nanoseconds is not None else None

@@ -1,0 +1,43 @@
+"""The browser door: server-rendered pages and htmx fragments, signed in with a session cookie."""
+from flask import Blueprint, request
+
+from ..extensions import db, login_manager
+from ..models import User
+
+bp = Blueprint("web", __name__)
+
+# No inline scripts anywhere: every script is a file under /static.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                           "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+                           "form-action 'self'; frame-ancestors 'none'")
+
+
+@login_manager.user_loader
+def load_user(session_id):
+    """Session ids are 'user_id:token_version', so a password change ends other sessions."""
+    user_id, _, version = (session_id or "").partition(":")
+    if not user_id.isdigit() or not version.isdigit():
+        return None
+    user = db.session.get(User, int(user_id))
+    if user is None or not user.is_active or user.token_version != int(version):
+        return None
+    return user
+
+
+def init_web(app):
+    from . import views  # noqa: F401  (routes register on import)
+    from ..auth import views as auth_views  # noqa: F401
+    app.register_blueprint(bp)
+    app.register_blueprint(auth_views.bp)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please sign in to continue."
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.is_secure:
+            app.session_interface  # Secure cookies: see SESSION_COOKIE_SECURE
+        return response
