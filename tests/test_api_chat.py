@@ -134,17 +134,29 @@ def test_upstream_error_before_and_during_stream(app, client, auth, ollama):
     assert messages_of(app, error["conversation_id"])[1] == ("assistant", "error", "alpha beta ", "upstream_error")
 
 
-def test_log_lines_carry_the_request_id(client, auth, ollama, caplog):
-    caplog.set_level(logging.INFO, logger="webapp")
-    logging.getLogger("webapp").addHandler(caplog.handler)
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_log_lines_carry_the_request_id(client, auth, ollama):
+    from webapp.logs import RequestIdFilter
+    handler = ListHandler()
+    handler.addFilter(RequestIdFilter())
+    logging.getLogger("webapp").addHandler(handler)
     try:
         response = client.post("/chat/", json={"prompt": "log me"}, headers={**auth, "X-Request-ID": "req-42"})
         response.close()
     finally:
-        logging.getLogger("webapp").removeHandler(caplog.handler)
-    lines = [(r.name, r.request_id, r.getMessage()) for r in caplog.records]
+        logging.getLogger("webapp").removeHandler(handler)
+    lines = [(r.name, r.request_id, r.getMessage()) for r in handler.records]
     access = [line for line in lines if line[0] == "webapp.access" and "/chat/" in line[2]]
-    assert access and access[0][1] == "req-42" and " 200 " in access[0][2] and "user=alice" in access[0][2]
+    assert access, lines
+    assert access[0][1] == "req-42" and " 200 " in access[0][2] and "user=alice" in access[0][2]
     llm_lines = [line for line in lines if line[2].startswith("llm call")]
     assert llm_lines and llm_lines[0][1] == "req-42"
     assert "model=tinyllama outcome=complete" in llm_lines[0][2] and "completion_tokens=" in llm_lines[0][2]

@@ -32,9 +32,12 @@ class ChatError(Exception):
 
 @dataclass
 class Turn:
-    conversation: Conversation
-    user_message: Message
-    assistant_message: Message
+    """Plain values, safe to use after the session is closed."""
+    conversation_id: int
+    user_message_id: int | None
+    message_id: int
+    model: str
+    prompt: str | None
 
 
 # ---- the LLM client, one per app ------------------------------------------------------------------
@@ -266,11 +269,13 @@ def _begin_answer(conversation, model, request_id, options, user_message):
     db.session.flush()
     conversation.active_message_id = answer.id
     db.session.commit()  # the prompt is safe before the LLM is called
+    turn = Turn(conversation.id, user_message.id if user_message else None, answer.id, model,
+                user_message.content if user_message else None)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=model,
               messages=build_context(conversation, answer.id), options=options or {}, request_id=request_id)
     db.session.close()  # give the connection back before the (long) generation
     registry_for(current_app._get_current_object()).launch(job, client())
-    return Turn(conversation, user_message, answer)
+    return turn
 
 
 def build_context(conversation, answer_id):

@@ -56,8 +56,5 @@ def init_request_ids(app):
 
 
 def _user():
-    user = g.get("api_user")
-    if user is None:
-        from flask_login import current_user
-        user = current_user if getattr(current_user, "is_authenticated", False) else None
-    return user.username if user is not None else "-"
+    # A name captured when the user was loaded: the ORM object may be detached by then.
+    return g.get("user_name") or "-"

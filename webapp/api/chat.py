@@ -69,10 +69,9 @@ def chat_turn():
     conversation_id, stream, options = parse_turn_request(data)
     turn = chat.start_turn(g.api_user, data.get("prompt"), conversation_id, data.get("model"),
                            g.request_id, options)
-    prompt = turn.user_message.content
-    ids = {"request_id": g.request_id, "conversation_id": turn.conversation.id,
-           "message_id": turn.assistant_message.id, "user_message_id": turn.user_message.id,
-           "model": turn.assistant_message.model}
+    prompt = turn.prompt
+    ids = {"request_id": g.request_id, "conversation_id": turn.conversation_id,
+           "message_id": turn.message_id, "user_message_id": turn.user_message_id, "model": turn.model}
     if stream:
         return sse.response(stream_turn(ids, prompt))
     final = chat.wait_final(ids["message_id"])

@@ -75,10 +75,10 @@ def regenerate(conversation_id):
     data = json_body() if request.content_length else {}
     turn = chat.regenerate(g.api_user, conversation_id, data.get("model"), g.request_id,
                            parse_options(data.get("options")))
-    message_id = turn.assistant_message.id
+    message_id = turn.message_id
     if data.get("stream"):
         ids = {"request_id": g.request_id, "conversation_id": conversation_id, "message_id": message_id,
-               "user_message_id": None, "model": turn.assistant_message.model}
+               "user_message_id": None, "model": turn.model}
         return sse.response(_with_start(ids, message_id))
     return finished_response(chat.wait_final(message_id), None)
 

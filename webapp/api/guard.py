@@ -16,6 +16,7 @@ def token_required(view):
             return _unauthorized("missing bearer token")
         try:
             g.api_user = tokens.verify(token.strip())
+            g.user_name = g.api_user.username
         except tokens.TokenError as exc:
             return _unauthorized(str(exc))
         return view(*args, **kwargs)

@@ -1,5 +1,5 @@
 """The browser door: server-rendered pages and htmx fragments, signed in with a session cookie."""
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 
 from ..extensions import db, login_manager
 from ..models import User
@@ -21,6 +21,7 @@ def load_user(session_id):
     user = db.session.get(User, int(user_id))
     if user is None or not user.is_active or user.token_version != int(version):
         return None
+    g.user_name = user.username  # for the access log line
     return user
 
 
