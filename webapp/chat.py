@@ -273,7 +273,7 @@ def _begin_answer(conversation, model, request_id, options, user_message):
                 user_message.content if user_message else None)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=model,
               messages=build_context(conversation, answer.id), options=options or {}, request_id=request_id)
-    db.session.close()  # give the connection back before the (long) generation
+    # The commit above ended the transaction, so no connection is held from here on.
     registry_for(current_app._get_current_object()).launch(job, client())
     return turn
 
@@ -353,8 +353,7 @@ def _fresh_message(message_id):
     message = db.session.get(Message, message_id)
     if message is not None:
         db.session.expunge(message)
-    db.session.rollback()
-    db.session.close()
+    db.session.rollback()  # ends the transaction: the connection goes back to the pool
     return message
 
 

@@ -1,9 +1,86 @@
 """Sign in, sign out, registration and password change for the browser door."""
-from flask import Blueprint
+from urllib.parse import urlsplit
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+
+from .passwords import AccountError, authenticate, create_user, set_password
 
 bp = Blueprint("auth", __name__)
 
 
+def safe_next(target):
+    """Only a local path: no scheme, no host, no protocol-relative '//' or backslash tricks."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return None
+    return target
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    return "sign in page (to do)"
+    next_url = safe_next(request.values.get("next"))
+    if current_user.is_authenticated:
+        return redirect(next_url or url_for("web.index"))
+    error = None
+    if request.method == "POST":
+        user = authenticate(request.form.get("username", ""), request.form.get("password", ""))
+        if user is not None:
+            login_user(user, remember=bool(request.form.get("remember")))
+            return redirect(next_url or url_for("web.index"))
+        error = "Incorrect username or password."
+    return render_template("login.html", error=error, next=next_url,
+                           username=request.form.get("username", ""),
+                           allow_signup=current_app.config["ALLOW_SIGNUP"]), (401 if error else 200)
+
+
+@bp.post("/logout")
+def logout():
+    logout_user()
+    flash("You are signed out.")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/register", methods=["GET", "POST"])
+def register():
+    if not current_app.config["ALLOW_SIGNUP"]:
+        abort(404)
+    error = None
+    if request.method == "POST":
+        password = request.form.get("password", "")
+        if password != request.form.get("confirm", ""):
+            error = "The two passwords do not match."
+        else:
+            try:
+                user = create_user(request.form.get("username", ""), password)
+            except AccountError as exc:
+                error = str(exc).capitalize() + "."
+            else:
+                login_user(user)
+                return redirect(url_for("web.index"))
+    return render_template("register.html", error=error,
+                           username=request.form.get("username", "")), (422 if error else 200)
+
+
+@bp.route("/settings", methods=["GET", "POST"])
+@login_required
+def settings():
+    error, done = None, False
+    if request.method == "POST":
+        user = current_user._get_current_object()
+        new = request.form.get("new_password", "")
+        if not user.check_password(request.form.get("current_password", "")):
+            error = "Your current password is not right."
+        elif new != request.form.get("confirm", ""):
+            error = "The two new passwords do not match."
+        else:
+            try:
+                set_password(user, new)  # ends every other session and API token
+            except AccountError as exc:
+                error = str(exc).capitalize() + "."
+            else:
+                login_user(user)  # this browser stays signed in with the new session id
+                done = True
+    return render_template("settings.html", error=error, done=done), (422 if error else 200)
