@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import requests
@@ -308,12 +309,13 @@ class OpenAIClient(_HTTPBackend):
     @staticmethod
     def _parse(lines):
         final = Chunk(done=True)
+        count, first_at = 0, None
         for line in lines:
             if not line.startswith("data:"):
                 continue  # SSE comments, event names, ids
             payload = line[5:].strip()
             if payload == "[DONE]":
-                yield final
+                yield _with_estimates(final, count, first_at)
                 return
             data = json.loads(payload)
             if "error" in data:
@@ -323,6 +325,8 @@ class OpenAIClient(_HTTPBackend):
             for choice in data.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:
+                    count += 1
+                    first_at = first_at or time.monotonic_ns()
                     yield Chunk(text=text)
                 if choice.get("finish_reason"):
                     final.done_reason = choice["finish_reason"]
@@ -331,9 +335,19 @@ class OpenAIClient(_HTTPBackend):
                 final.prompt_eval_count = usage.get("prompt_tokens")
                 final.eval_count = usage.get("completion_tokens")
         if final.done_reason:  # some servers end without [DONE]
-            yield final
+            yield _with_estimates(final, count, first_at)
             return
         raise UpstreamError("the model server ended the answer without finishing it")
+
+
+def _with_estimates(final, count, first_at):
+    """Servers that send no usage (llama.cpp's) still get a token count and speed: one streamed
+    chunk is one token on these servers, timed from the first chunk to the last."""
+    if final.eval_count is None and count:
+        final.eval_count = count
+        if first_at and count > 1:
+            final.eval_duration = max(1, time.monotonic_ns() - first_at)
+    return final
 
 
 # ---- construction --------------------------------------------------------------------------------

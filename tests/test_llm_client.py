@@ -1,0 +1,107 @@
+"""webapp.llm against the Ollama-protocol test server: both backends, every typed error."""
+import threading
+import time
+
+import pytest
+
+from webapp import llm
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(params=["ollama", "openai"])
+def backend(request, ollama):
+    if request.param == "ollama":
+        return llm.OllamaClient(ollama.url, read_timeout=1.0, load_timeout=3.0, keep_alive="5m",
+                                options={"temperature": 0.1})
+    return llm.OpenAIClient(ollama.url + "/v1", read_timeout=1.0, load_timeout=3.0)
+
+
+def text_of(stream):
+    chunks = list(stream)
+    return chunks, "".join(c.text for c in chunks)
+
+
+def test_streams_and_reports_counters(backend, ollama):
+    ollama.script(reply="Привет, мир! 🌍 ok", prompt_eval_count=9)
+    chunks, text = text_of(backend.chat_stream(MESSAGES, "tinyllama"))
+    assert text == "Привет, мир! 🌍 ok"
+    final = chunks[-1]
+    assert final.done and final.done_reason == "stop" and final.eval_count == 4
+    assert final.prompt_eval_count == 9
+
+
+def test_ollama_request_shape(ollama):
+    client = llm.OllamaClient(ollama.url, keep_alive="10m", options={"temperature": 0.2, "num_ctx": 4096})
+    list(client.chat_stream(MESSAGES, "tinyllama", {"num_predict": 50}))
+    sent = ollama.chat_requests[-1]
+    assert sent["stream"] is True and sent["keep_alive"] == "10m"
+    assert sent["options"] == {"temperature": 0.2, "num_ctx": 4096, "num_predict": 50}
+
+
+def test_length_limit(backend, ollama):
+    ollama.script(reply="a b c d e f g")
+    chunks, text = text_of(backend.chat_stream(MESSAGES, "tinyllama", {"num_predict": 3}))
+    assert text == "a b c " and chunks[-1].done_reason == "length"
+
+
+def test_lists_models_and_health(backend):
+    assert [m["name"] for m in backend.list_models()] == ["tinyllama:latest", "llama3.2:latest"]
+    assert backend.health()["backend"] == backend.name
+
+
+def test_unknown_model(backend):
+    with pytest.raises(llm.ModelNotFound, match="nope"):
+        backend.chat_stream(MESSAGES, "nope")
+
+
+def test_unreachable():
+    for client in (llm.OllamaClient("http://127.0.0.1:9"), llm.OpenAIClient("http://127.0.0.1:9/v1")):
+        with pytest.raises(llm.LLMUnreachable):
+            client.list_models()
+        with pytest.raises(llm.LLMUnreachable):
+            client.chat_stream(MESSAGES, "tinyllama")
+
+
+@pytest.mark.parametrize("script, error", [
+    (dict(fail="status", status=500), llm.UpstreamError),
+    (dict(fail="status", status=503, error="server busy"), llm.LLMUnreachable),
+    (dict(fail="midstream", fail_after=1, error="boom"), llm.UpstreamError),
+    (dict(fail="cut", fail_after=1), llm.UpstreamError),
+    (dict(fail="stall", fail_after=1, stall=3.0), llm.LLMTimeout),
+])
+def test_failures_are_typed(backend, ollama, script, error):
+    ollama.script(reply="one two three", **script)
+    with pytest.raises(error):
+        list(backend.chat_stream(MESSAGES, "tinyllama"))
+
+
+def test_slow_model_load_uses_the_load_timeout_not_the_read_timeout(backend, ollama):
+    ollama.script(reply="loaded at last", fail="headers_stall", stall=1.5)  # longer than read_timeout=1
+    chunks, text = text_of(backend.chat_stream(MESSAGES, "tinyllama"))
+    assert text == "loaded at last"
+    ollama.script(reply="too slow", fail="headers_stall", stall=5.0)  # longer than load_timeout=3
+    with pytest.raises(llm.LLMTimeout):
+        backend.chat_stream(MESSAGES, "tinyllama")
+
+
+def test_abort_from_another_thread_closes_the_upstream_connection(backend, ollama):
+    ollama.script(reply="a b c d e f g h i j", delay=0.3)
+    stream = backend.chat_stream(MESSAGES, "tinyllama")
+    seen = []
+
+    def consume():
+        try:
+            for chunk in stream:
+                seen.append(chunk.text)
+        except llm.Cancelled:
+            seen.append("<cancelled>")
+    reader = threading.Thread(target=consume)
+    reader.start()
+    time.sleep(0.7)
+    aborted_at = time.monotonic()
+    stream.abort()
+    reader.join(2)
+    assert not reader.is_alive() and seen[-1] == "<cancelled>"
+    event = ollama.wait_for_event("client_closed", timeout=2)
+    assert event is not None and event[1] - aborted_at < 1.0
