@@ -295,7 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, request):
         fake = self.server_state
         model = request.get("model")
-        if request.get("messages") == [] or "messages" not in request and model:
+        if model and fake.resolve(model) and not request.get("messages"):
             self._send(200, {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
             return
