@@ -216,7 +216,7 @@ def answer_frames(owner, message_id):
         elif kind == "ping":
             yield sse.PING
         elif kind == "done":
-            html = render_template("_message.html", message=value, conversation_id=value.conversation_id)
+            html = render_template("_message.html", message=value, last=True)
             yield sse.event("done", {"html": html, "status": value.status})
 
 
