@@ -166,3 +166,10 @@ def test_unknown_api_paths_answer_json(client, auth, path):
     assert response.status_code == 404
     if path.startswith("/conversations"):
         assert response.get_json()["error"]["code"] == "not_found"
+
+
+def test_huge_ids_are_404_not_500(client, auth):
+    for path in ("/conversations/99999999999", "/conversations/1/messages/99999999999"):
+        assert client.get(path, headers=auth).status_code == 404
+    assert client.post("/chat/", json={"prompt": "x", "conversation_id": 2**40}, headers=auth).status_code == 404
+    assert client.get("/conversations/1?before=99999999999", headers=auth).status_code in (400, 404)

@@ -96,10 +96,21 @@ def title_from(prompt):
 
 # ---- conversations ---------------------------------------------------------------------------------
 
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; bigger numbers cannot exist (and PostgreSQL rejects them)
+
+
+def _as_id(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and 0 < value <= MAX_ID else None
+
+
 def get_conversation(user, conversation_id):
     """The caller's conversation or a 404: someone else's id looks exactly like a missing one."""
     conversation = None
-    if isinstance(conversation_id, int) or (isinstance(conversation_id, str) and conversation_id.isdigit()):
+    if _as_id(conversation_id) is not None:
         conversation = db.session.scalar(select(Conversation).where(
             Conversation.id == int(conversation_id), Conversation.user_id == user.id))
     if conversation is None:
@@ -182,7 +193,7 @@ def list_messages(user, conversation_id, limit=50, before=None):
     reap_if_stale(conversation)
     stmt = select(Message).where(Message.conversation_id == conversation.id)
     if before is not None:
-        stmt = stmt.where(Message.id < before)
+        stmt = stmt.where(Message.id < min(before, MAX_ID))
     rows = db.session.scalars(stmt.order_by(Message.id.desc()).limit(limit + 1)).all()
     page = list(reversed(rows[:limit]))
     older = page[0].id if len(rows) > limit else None
@@ -191,7 +202,7 @@ def list_messages(user, conversation_id, limit=50, before=None):
 
 def get_message(user, message_id):
     message = None
-    if isinstance(message_id, int) or (isinstance(message_id, str) and message_id.isdigit()):
+    if _as_id(message_id) is not None:
         message = db.session.scalar(select(Message).join(Conversation).where(
             Message.id == int(message_id), Conversation.user_id == user.id))
     if message is None:

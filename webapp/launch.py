@@ -18,6 +18,7 @@ from .config import ROOT
 from .local_llm import TinyModelServer, tiny_model_available
 
 REQUIREMENTS_LLM = ROOT / "requirements-llm.txt"
+LOCAL_OLLAMA = "http://localhost:11434"
 
 
 def ollama_answers(url):
@@ -27,7 +28,7 @@ def ollama_answers(url):
         return False
 
 
-def choose_backend(env):
+def choose_backend(env, local_ollama=LOCAL_OLLAMA):
     """Return the environment additions that point the app at a reachable LLM."""
     if env.get("LLM_BACKEND", "ollama") == "openai":
         print(f"LLM: OpenAI-compatible server at {env.get('OPENAI_BASE_URL')}")
@@ -35,9 +36,9 @@ def choose_backend(env):
     if env.get("OLLAMA_URL") or env.get("OLLAMA_API_URL"):
         print(f"LLM: Ollama at {env.get('OLLAMA_URL') or env.get('OLLAMA_API_URL')}")
         return {}
-    if ollama_answers("http://localhost:11434"):
-        print("LLM: local Ollama on http://localhost:11434")
-        return {"OLLAMA_URL": "http://localhost:11434"}
+    if ollama_answers(local_ollama):
+        print(f"LLM: local Ollama on {local_ollama}")
+        return {"OLLAMA_URL": local_ollama}
     return start_tiny_model()
 
 

@@ -39,7 +39,7 @@ def create_conversation():
 @bp.get("/conversations/<int:conversation_id>")
 @token_required
 def get_conversation(conversation_id):
-    before = int_arg("before", None, 1, 2**62)
+    before = int_arg("before", None, 1, chat.MAX_ID)
     conversation, messages, older = chat.list_messages(g.api_user, conversation_id,
                                                        limit=int_arg("limit", 50, 1, 200), before=before)
     return jsonify({**conversation.to_dict(), "messages": [m.to_dict() for m in messages],
