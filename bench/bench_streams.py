@@ -40,6 +40,8 @@ def one_stream(server, auth, results):
             first = time.perf_counter() - started
         if name in ("done", "error"):
             results.append((first, time.perf_counter() - started, data["status"]))
+            if data["status"] != "complete":
+                print("  failed:", data.get("error"))
 
 
 def main():
@@ -59,20 +61,26 @@ def main():
         requests.post(ollama.url + "/api/chat", json={"model": "tinyllama", "messages": [
             {"role": "user", "content": "go"}]}, stream=True).iter_lines().__next__()
         direct_first = time.perf_counter() - direct
-        results, peak = [], [0]
+        single = []
+        for _ in range(5):
+            one_stream(server, auth, single)
+        results, peak, busy = [], [0], [0]
         threads = [threading.Thread(target=one_stream, args=(server, auth, results)) for _ in range(count)]
         stop = threading.Event()
 
         def sample():
             with psycopg.connect(database.admin_url, autocommit=True) as conn:
                 while not stop.is_set():
-                    n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                     (database.name,)).fetchone()[0]
-                    peak[0] = max(peak[0], n)
+                    total, active = conn.execute(
+                        "SELECT count(*), count(*) FILTER (WHERE state <> 'idle') FROM pg_stat_activity "
+                        "WHERE datname = %s", (database.name,)).fetchone()
+                    peak[0] = max(peak[0], total)
+                    if time.perf_counter() - started > 1.0:  # mid-stream, after the burst of turn starts
+                        busy[0] = max(busy[0], active)
                     time.sleep(0.05)
+        started = time.perf_counter()
         sampler = threading.Thread(target=sample)
         sampler.start()
-        started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -84,10 +92,13 @@ def main():
         totals = sorted(r[1] for r in results)
         print(f"{count} concurrent streams of {TOKENS} tokens ({TOKENS * GAP:.1f} s each at the model):")
         print(f"  completed: {sum(r[2] == 'complete' for r in results)}/{count} in {wall:.2f} s wall")
-        print(f"  time to first token: direct from model {direct_first * 1000:.0f} ms; through the app "
+        print(f"  one stream alone: time to first token {statistics.median(r[0] for r in single) * 1000:.0f} ms "
+              f"(direct from the model: {direct_first * 1000:.0f} ms)")
+        print(f"  time to first token under the burst: "
               f"median {statistics.median(firsts) * 1000:.0f} ms, p95 {firsts[int(len(firsts) * .95) - 1] * 1000:.0f} ms")
         print(f"  whole answer: median {statistics.median(totals):.2f} s, max {totals[-1]:.2f} s")
-        print(f"  peak PostgreSQL connections of the app: {peak[0] - 1} (for {count} live streams)")
+        print(f"  PostgreSQL connections of the app: {peak[0] - 1} open at peak (the two workers' pools), "
+              f"at most {busy[0] - 1} in use at once mid-stream (for {count} live streams)")
     finally:
         server.stop()
         ollama.stop()
