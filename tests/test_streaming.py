@@ -204,3 +204,20 @@ def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app
     messages = requests.get(f"{survivor.url}/conversations/{start['conversation_id']}", headers=auth,
                             timeout=10).json()["messages"]
     assert [(m["role"], m["status"]) for m in messages] == [("user", "complete"), ("assistant", "complete")]
+
+
+def test_graceful_worker_exit_saves_running_answers_as_interrupted(servers, app, ollama):
+    make_user(app)
+    server = servers()
+    server.auth = login(server.url, "alice", PASSWORD)
+    ollama.script(reply=REPLY, delay=0.2)
+    response, events = start_stream(server)
+    _, start = next(events)
+    next(events)
+    response.close()  # nobody is watching; the generation carries on in the worker
+    stopped_at = time.monotonic()
+    server.stop()  # SIGTERM: a deploy or restart
+    message = wait_for_status(app, start["message_id"], {"interrupted"}, timeout=5.0)
+    assert time.monotonic() - stopped_at < 5.0
+    assert message.content.startswith("one") and len(message.content) < len(REPLY)
+    assert "restarted" in message.error

@@ -18,11 +18,12 @@ from sqlalchemy import select, update
 from . import llm
 from .extensions import db
 from .logs import request_id_var
-from .models import (ACTIVE_STATUSES, CANCELLED, COMPLETE, ERROR, STREAMING, Conversation, Message,
-                     utcnow)
+from .models import (ACTIVE_STATUSES, CANCELLED, COMPLETE, ERROR, INTERRUPTED, STREAMING, Conversation,
+                     Message, utcnow)
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
+SHUTDOWN_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Live:
         self.text = ""
         self.done = False
         self.cancelled = False
+        self.interrupted = False  # the server is shutting down, not the user pressing Stop
         self.stream = None
         self._cond = threading.Condition()
 
@@ -61,7 +63,8 @@ class Live:
         with self._cond:
             self._cond.wait_for(lambda: len(self.text) > seen or self.done, timeout)
 
-    def abort(self):
+    def abort(self, interrupted=False):
+        self.interrupted = self.interrupted or interrupted
         self.cancelled = True
         if self.stream is not None:
             self.stream.abort()
@@ -100,6 +103,17 @@ class Registry:
         if live is not None:
             live.abort()
         return live is not None
+
+    def shutdown(self, timeout=5.0):
+        """On worker exit: end running generations as 'interrupted' with their text so far, at once,
+        rather than leaving them for the stale-heartbeat check to find."""
+        with self._lock:
+            lives = list(self._live.values())
+        for live in lives:
+            live.abort(interrupted=True)
+        deadline = time.monotonic() + timeout
+        while self.ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     # -- the generation thread -------------------------------------------------------------------
 
@@ -169,12 +183,14 @@ class Generation:
             self._stream()
         except llm.Cancelled:
             status = CANCELLED
+            if self.live.interrupted:
+                status, code, error = INTERRUPTED, "interrupted", SHUTDOWN_MESSAGE
         except llm.LLMError as exc:
             status, code, error = ERROR, exc.code, exc.message
         except Exception as exc:  # a bug must still leave the message in a final state
             log.exception("generation %s failed", self.job.message_id)
             status, code, error = ERROR, "internal_error", f"internal error: {type(exc).__name__}"
-        if status == COMPLETE and self.live.cancelled:
+        if status == COMPLETE and self.live.cancelled and self.final is None:
             status = CANCELLED
         self._save(status, code, error)
 

@@ -11,3 +11,11 @@ graceful_timeout = 30
 keepalive = 5
 accesslog = None        # the app writes its own access line, with the request id and user
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+def worker_exit(server, worker):
+    """A worker leaving (deploy, restart, max requests) saves its running answers as 'interrupted'."""
+    app = getattr(worker, "wsgi", None)
+    registry = getattr(app, "extensions", {}).get("generations") if app is not None else None
+    if registry is not None:
+        registry.shutdown()
