@@ -105,3 +105,26 @@ def test_abort_from_another_thread_closes_the_upstream_connection(backend, ollam
     assert not reader.is_alive() and seen[-1] == "<cancelled>"
     event = ollama.wait_for_event("client_closed", timeout=2)
     assert event is not None and event[1] - aborted_at < 1.0
+
+
+def test_abort_while_the_model_is_still_loading(backend, ollama):
+    """Stop before any header arrived (a model loading for minutes) still closes the connection."""
+    ollama.script(reply="never seen", fail="headers_stall", stall=2.5)
+    abort = llm.Abort()
+    outcome = []
+
+    def request():
+        try:
+            list(backend.chat_stream(MESSAGES, "tinyllama", abort=abort))
+            outcome.append("finished")
+        except llm.Cancelled:
+            outcome.append("cancelled")
+    thread = threading.Thread(target=request)
+    thread.start()
+    time.sleep(0.5)
+    aborted_at = time.monotonic()
+    abort()
+    thread.join(2)
+    assert outcome == ["cancelled"]
+    event = ollama.wait_for_event("client_closed", timeout=2)
+    assert event is not None and event[1] - aborted_at < 1.0

@@ -221,3 +221,20 @@ def test_graceful_worker_exit_saves_running_answers_as_interrupted(servers, app,
     assert time.monotonic() - stopped_at < 5.0
     assert message.content.startswith("one") and len(message.content) < len(REPLY)
     assert "restarted" in message.error
+
+
+def test_stop_while_the_model_is_loading(servers, app, ollama):
+    make_user(app)
+    server = servers(OLLAMA_LOAD_TIMEOUT=30)
+    server.auth = login(server.url, "alice", PASSWORD)
+    ollama.script(reply=REPLY, fail="headers_stall", stall=20.0)
+    response, events = start_stream(server)
+    _, start = next(events)
+    time.sleep(0.5)
+    stopped_at = time.monotonic()
+    stop = requests.post(f"{server.url}/conversations/{start['conversation_id']}/stop", headers=server.auth,
+                         timeout=10)
+    assert stop.status_code == 200 and stop.json()["status"] == "cancelled"
+    event = ollama.wait_for_event("client_closed", timeout=2.0)
+    assert event is not None and event[1] - stopped_at < 1.0
+    assert list(events)[-1][1]["status"] == "cancelled"

@@ -45,7 +45,7 @@ class Live:
         self.done = False
         self.cancelled = False
         self.interrupted = False  # the server is shutting down, not the user pressing Stop
-        self.stream = None
+        self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
         self._cond = threading.Condition()
 
     def append(self, text):
@@ -66,8 +66,7 @@ class Live:
     def abort(self, interrupted=False):
         self.interrupted = self.interrupted or interrupted
         self.cancelled = True
-        if self.stream is not None:
-            self.stream.abort()
+        self.upstream()
 
 
 class Registry:
@@ -195,10 +194,8 @@ class Generation:
         self._save(status, code, error)
 
     def _stream(self):
-        stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options)
-        self.live.stream = stream
-        if self.live.cancelled:  # Stop arrived while the model was loading
-            stream.abort()
+        stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options,
+                                         abort=self.live.upstream)
         last_flush = time.monotonic()
         for chunk in stream:
             if chunk.text:

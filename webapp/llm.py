@@ -74,38 +74,98 @@ class Chunk:
 
 
 def _socket_of(response):
-    """The TCP socket under a streamed requests response (to shut it down from another thread)."""
+    """The TCP socket under a streamed requests response (to set its read timeout)."""
     conn = getattr(response.raw, "connection", None) or getattr(response.raw, "_connection", None)
     return getattr(conn, "sock", None)
 
 
+class Abort:
+    """Stops one LLM request from any thread: the socket is shut down, which wakes the reading
+    thread at once and is how Ollama learns to stop generating. Works while the model is still
+    loading (before any header arrived) as well as mid-answer."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sock = None
+        self.requested = False
+
+    def attach(self, sock):
+        with self._lock:
+            self._sock = sock
+            if self.requested:
+                _shutdown(sock)
+
+    def __call__(self):
+        with self._lock:
+            self.requested = True
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# requests does not expose the socket before the response headers arrive, so the connection
+# classes of our session hand it to the Abort of the request being made on this thread.
+_tracking = threading.local()
+
+
+class _Tracked:
+    def request(self, *args, **kwargs):
+        abort = getattr(_tracking, "abort", None)
+        if abort is not None:
+            if self.sock is None:
+                self.connect()
+            abort.attach(self.sock)
+        return super().request(*args, **kwargs)
+
+
+class _TrackedHTTPConnection(_Tracked, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TrackedHTTPSConnection(_Tracked, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _TrackedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTPConnection
+
+
+class _TrackedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPSConnection
+
+
+class _TrackingAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _TrackedHTTPPool, "https": _TrackedHTTPSPool}
+
+
 class ChatStream:
-    """Iterates the Chunks of one streamed answer; `abort()` may be called from any thread.
+    """Iterates the Chunks of one streamed answer; `abort()` may be called from any thread."""
 
-    Aborting shuts the socket down, which is what makes Ollama stop generating: a blocked
-    read in the iterating thread wakes up at once instead of at the next token.
-    """
-
-    def __init__(self, response, parse_lines, read_timeout):
+    def __init__(self, response, parse_lines, read_timeout, abort=None):
         self._response = response
         self._parse_lines = parse_lines
-        self._aborted = threading.Event()
-        self._sock = _socket_of(response)
-        if self._sock is not None and read_timeout:
-            # The wait for headers used the (long) load timeout; between tokens the read timeout holds.
-            self._sock.settimeout(read_timeout)
+        self._abort = abort or Abort()
+        sock = _socket_of(response)
+        if sock is not None:
+            self._abort.attach(sock)
+            if read_timeout:
+                # The wait for headers used the (long) load timeout; between tokens the read timeout holds.
+                sock.settimeout(read_timeout)
 
     def abort(self):
-        self._aborted.set()
-        try:
-            if self._sock is not None:
-                self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._abort()
 
     @property
     def aborted(self):
-        return self._aborted.is_set()
+        return self._abort.requested
 
     def close(self):
         self._response.close()
@@ -160,27 +220,38 @@ class _HTTPBackend:
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
         # One pooled session per process: keep-alive connections to the LLM server are reused.
         self.session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
+        adapter = _TrackingAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
-    def _request(self, method, path, *, timeout=None, **kwargs):
+    def _request(self, method, path, *, timeout=None, abort=None, **kwargs):
         url = self.base_url + path
+        _tracking.abort = abort
         try:
             return self.session.request(method, url, timeout=timeout or (self.connect_timeout, self.read_timeout),
                                         **kwargs)
-        except requests.ConnectTimeout as exc:
-            raise LLMUnreachable(f"cannot reach the model server at {self.base_url}") from exc
-        except requests.Timeout as exc:
-            raise LLMTimeout(f"the model server at {self.base_url} did not answer in time") from exc
-        except requests.ConnectionError as exc:
-            raise LLMUnreachable(f"cannot reach the model server at {self.base_url}") from exc
+        except requests.RequestException as exc:
+            if abort is not None and abort.requested:
+                raise Cancelled("stopped") from None
+            raise _request_error(exc, self.base_url) from exc
+        finally:
+            _tracking.abort = None
 
     def _json(self, response):
         try:
             return response.json()
         except ValueError:
             return {}
+
+
+def _request_error(exc, base_url):
+    if isinstance(exc, requests.ConnectTimeout):
+        return LLMUnreachable(f"cannot reach the model server at {base_url}")
+    if isinstance(exc, requests.Timeout):
+        return LLMTimeout(f"the model server at {base_url} did not answer in time")
+    if isinstance(exc, requests.ConnectionError):
+        return LLMUnreachable(f"cannot reach the model server at {base_url}")
+    return UpstreamError(f"the request to the model server failed: {exc}")
 
 
 # ---- Ollama ------------------------------------------------------------------------------------
@@ -207,7 +278,7 @@ class OllamaClient(_HTTPBackend):
                  "family": (m.get("details") or {}).get("family"),
                  "parameter_size": (m.get("details") or {}).get("parameter_size")} for m in models]
 
-    def chat_stream(self, messages, model, options=None):
+    def chat_stream(self, messages, model, options=None, abort=None):
         body = {"model": model, "messages": messages, "stream": True}
         merged = {**self.options, **(options or {})}
         if merged:
@@ -215,11 +286,11 @@ class OllamaClient(_HTTPBackend):
         if self.keep_alive is not None:
             body["keep_alive"] = _keep_alive(self.keep_alive)
         # Headers only come once the model is loaded: allow the load timeout for them.
-        response = self._request("POST", "/api/chat", json=body, stream=True,
+        response = self._request("POST", "/api/chat", json=body, stream=True, abort=abort,
                                  timeout=(self.connect_timeout, self.load_timeout))
         if response.status_code != 200:
             raise self._status_error(response, model)
-        return ChatStream(response, self._parse, self.read_timeout)
+        return ChatStream(response, self._parse, self.read_timeout, abort)
 
     def _status_error(self, response, model):
         message = self._json(response).get("error") or f"status {response.status_code}"
@@ -284,17 +355,17 @@ class OpenAIClient(_HTTPBackend):
         return [{"name": m.get("id"), "size": None, "family": None, "parameter_size": None}
                 for m in self._json(response).get("data") or []]
 
-    def chat_stream(self, messages, model, options=None):
+    def chat_stream(self, messages, model, options=None, abort=None):
         body = {"model": model, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True}}
         for key, value in {**self.options, **(options or {})}.items():
             if key in OPENAI_OPTION_NAMES:
                 body[OPENAI_OPTION_NAMES[key]] = value
-        response = self._request("POST", "/chat/completions", json=body, stream=True,
+        response = self._request("POST", "/chat/completions", json=body, stream=True, abort=abort,
                                  timeout=(self.connect_timeout, self.load_timeout))
         if response.status_code != 200:
             raise self._status_error(response, model)
-        return ChatStream(response, self._parse, self.read_timeout)
+        return ChatStream(response, self._parse, self.read_timeout, abort)
 
     def _status_error(self, response, model):
         error = self._json(response).get("error")
