@@ -7,6 +7,7 @@ an error line mid-stream, a stall, a cut connection, a slow model load). It reco
 and notices when a client closes its connection, which is how tests see that Stop reached it.
 """
 import json
+from contextlib import contextmanager
 import re
 import select
 import socket
@@ -291,6 +292,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return False
 
+    @contextmanager
+    def _streaming(self, content_type, model):
+        """Start a chunked 200 answer and keep the books: events, the count of open streams."""
+        fake = self.server_state
+        fake.record("chat_start", model=model)
+        with fake._lock:
+            fake._active += 1
+        try:
+            self._start_stream(content_type)
+            yield
+        except ClientGone:
+            fake.record("client_closed", chunks_sent=-1)
+        finally:
+            with fake._lock:
+                fake._active -= 1
+
     # -- /api/chat --------------------------------------------------------------------------------
 
     def _chat(self, request):
@@ -313,11 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "message": {"role": "assistant", "content": "".join(chunks)},
                              "done": True, "done_reason": reason, **final})
             return
-        fake.record("chat_start", model=model)
-        with fake._lock:
-            fake._active += 1
-        try:
-            self._start_stream("application/x-ndjson")
+        with self._streaming("application/x-ndjson", model):
 
             def line(payload):
                 self._write_chunk(json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n")
@@ -331,11 +344,6 @@ class _Handler(BaseHTTPRequestHandler):
                       "done": True, "done_reason": reason, **final})
                 self._end_stream()
                 fake.record("chat_done")
-        except ClientGone:
-            fake.record("client_closed", chunks_sent=-1)
-        finally:
-            with fake._lock:
-                fake._active -= 1
 
     # -- /v1/chat/completions --------------------------------------------------------------------
 
@@ -355,11 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "index": 0, "message": {"role": "assistant", "content": "".join(chunks)},
                 "finish_reason": reason}], "usage": usage})
             return
-        fake.record("chat_start", model=model)
-        with fake._lock:
-            fake._active += 1
-        try:
-            self._start_stream("text/event-stream")
+        with self._streaming("text/event-stream", model):
 
             def frame(payload):
                 self._write_chunk("data: " + (payload if isinstance(payload, str) else json.dumps(
@@ -382,11 +386,6 @@ class _Handler(BaseHTTPRequestHandler):
                 frame("[DONE]")
                 self._end_stream()
                 fake.record("chat_done")
-        except ClientGone:
-            fake.record("client_closed", chunks_sent=-1)
-        finally:
-            with fake._lock:
-                fake._active -= 1
 
 
 def _final_counters(request, script, chunks):

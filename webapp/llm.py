@@ -243,6 +243,26 @@ class _HTTPBackend:
         except ValueError:
             return {}
 
+    def _open_stream(self, path, body, model, parse, abort):
+        """POST a streaming chat; headers may wait for a model load, so they get the load timeout."""
+        response = self._request("POST", path, json=body, stream=True, abort=abort,
+                                 timeout=(self.connect_timeout, self.load_timeout))
+        if response.status_code != 200:
+            raise self._status_error(response, model)
+        return ChatStream(response, parse, self.read_timeout, abort)
+
+    def _status_error(self, response, model):
+        # Ollama says {"error": "text"}; OpenAI-compatible servers {"error": {"message": "text"}}.
+        error = self._json(response).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message or f"status {response.status_code}"
+        response.close()
+        if response.status_code == 404:
+            return ModelNotFound(f"model '{model}' not found on the model server")
+        if response.status_code == 503:
+            return LLMUnreachable(f"the model server is busy: {message}")
+        return UpstreamError(f"the model server failed: {message}")
+
 
 def _request_error(exc, base_url):
     if isinstance(exc, requests.ConnectTimeout):
@@ -285,21 +305,7 @@ class OllamaClient(_HTTPBackend):
             body["options"] = merged
         if self.keep_alive is not None:
             body["keep_alive"] = _keep_alive(self.keep_alive)
-        # Headers only come once the model is loaded: allow the load timeout for them.
-        response = self._request("POST", "/api/chat", json=body, stream=True, abort=abort,
-                                 timeout=(self.connect_timeout, self.load_timeout))
-        if response.status_code != 200:
-            raise self._status_error(response, model)
-        return ChatStream(response, self._parse, self.read_timeout, abort)
-
-    def _status_error(self, response, model):
-        message = self._json(response).get("error") or f"status {response.status_code}"
-        response.close()
-        if response.status_code == 404:
-            return ModelNotFound(f"model '{model}' not found on the model server")
-        if response.status_code == 503:
-            return LLMUnreachable(f"the model server is busy: {message}")
-        return UpstreamError(f"the model server failed: {message}")
+        return self._open_stream("/api/chat", body, model, self._parse, abort)
 
     @staticmethod
     def _parse(lines):
@@ -361,21 +367,7 @@ class OpenAIClient(_HTTPBackend):
         for key, value in {**self.options, **(options or {})}.items():
             if key in OPENAI_OPTION_NAMES:
                 body[OPENAI_OPTION_NAMES[key]] = value
-        response = self._request("POST", "/chat/completions", json=body, stream=True, abort=abort,
-                                 timeout=(self.connect_timeout, self.load_timeout))
-        if response.status_code != 200:
-            raise self._status_error(response, model)
-        return ChatStream(response, self._parse, self.read_timeout, abort)
-
-    def _status_error(self, response, model):
-        error = self._json(response).get("error")
-        message = (error or {}).get("message") if isinstance(error, dict) else error
-        response.close()
-        if response.status_code == 404:
-            return ModelNotFound(f"model '{model}' not found on the model server")
-        if response.status_code == 503:
-            return LLMUnreachable(f"the model server is busy: {message}")
-        return UpstreamError(f"the model server failed: {message or response.status_code}")
+        return self._open_stream("/chat/completions", body, model, self._parse, abort)
 
     @staticmethod
     def _parse(lines):
