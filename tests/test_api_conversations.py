@@ -173,3 +173,21 @@ def test_huge_ids_are_404_not_500(client, auth):
         assert client.get(path, headers=auth).status_code == 404
     assert client.post("/chat/", json={"prompt": "x", "conversation_id": 2**40}, headers=auth).status_code == 404
     assert client.get("/conversations/1?before=99999999999", headers=auth).status_code in (400, 404)
+
+
+def test_deleting_a_conversation_mid_answer_answers_404_not_500(app, client, auth, ollama):
+    import threading
+    ollama.script(reply="a " * 40, delay=0.05)
+    result = {}
+
+    def ask():
+        result["response"] = app.test_client().post("/chat/", json={"prompt": "long"}, headers=auth)
+    thread = threading.Thread(target=ask)
+    thread.start()
+    deadline = __import__("time").monotonic() + 5
+    listing = []
+    while not listing and __import__("time").monotonic() < deadline:
+        listing = client.get("/conversations", headers=auth).get_json()["conversations"]
+    assert client.delete(f"/conversations/{listing[0]['id']}", headers=auth).status_code == 204
+    thread.join(10)
+    assert result["response"].status_code == 404

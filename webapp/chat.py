@@ -246,13 +246,16 @@ def regenerate(user, conversation_id, model=None, request_id=None, options=None)
 
 def _claim(conversation):
     """One turn at a time per conversation: an atomic compare-and-set on active_message_id."""
+    conversation_id = conversation.id
     for attempt in range(2):
         claimed = db.session.execute(update(Conversation).where(
-            Conversation.id == conversation.id, Conversation.active_message_id.is_(None))
+            Conversation.id == conversation_id, Conversation.active_message_id.is_(None))
             .values(active_message_id=0)).rowcount
         if claimed:
             return
         db.session.rollback()
+        if db.session.scalar(select(Conversation.id).where(Conversation.id == conversation_id)) is None:
+            raise ChatError(404, "not_found", "conversation not found", "conversation_id")  # deleted meanwhile
         if attempt == 0 and not reap_if_stale(conversation):
             break
     raise ChatError(409, "conversation_busy", "an answer is already being generated in this conversation; "
@@ -279,12 +282,12 @@ def _begin_answer(conversation, model, request_id, options, user_message):
     conversation.updated_at = now
     db.session.flush()
     conversation.active_message_id = answer.id
-    db.session.commit()  # the prompt is safe before the LLM is called
+    # Plain values only from here: once committed, the rows may be deleted by another request.
     turn = Turn(conversation.id, user_message.id if user_message else None, answer.id, model,
                 user_message.content if user_message else None)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=model,
               messages=build_context(conversation, answer.id), options=options or {}, request_id=request_id)
-    # The commit above ended the transaction, so no connection is held from here on.
+    db.session.commit()  # the prompt is safe before the LLM is called, and no connection is held after
     registry_for(current_app._get_current_object()).launch(job, client())
     return turn
 

@@ -79,6 +79,8 @@ def chat_turn():
 
 
 def finished_response(final, prompt, user_message_id=None):
+    if final is None:  # the conversation was deleted while the answer was being generated
+        return error_response(404, "not_found", "the conversation was deleted during the answer")
     result = turn_result(final, prompt)
     result["user_message_id"] = user_message_id
     if final.status in (COMPLETE, CANCELLED):
