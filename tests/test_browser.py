@@ -48,9 +48,11 @@ def page(chromium, server):
     context.close()
 
 
-def sign_in(page, username="alice", password=PASSWORD):
+def sign_in(page, username="alice", password=PASSWORD, screenshot=None):
     page.goto(page.base + "/")
     expect(page).to_have_url(page.base + "/login?next=%2F")
+    if screenshot:
+        shoot(page, screenshot)
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
@@ -121,7 +123,7 @@ def test_stop_closes_the_model_connection(page, ollama):
 
 def test_retry_after_ollama_failure(page, ollama):
     ollama.script(fail="status", status=500)
-    sign_in(page)
+    sign_in(page, screenshot="signin-desktop-light")
     ask(page, "Will this work?")
     expect(last_answer(page)).to_contain_text("The model server failed while answering.")
     shoot(page, "error-desktop-light")
