@@ -244,3 +244,16 @@ def test_no_cdn_in_pages(browser):
     html = browser.get("/?new=1").get_data(as_text=True)
     for url in re.findall(r'(?:src|href)="([^"]+)"', html):
         assert not url.startswith(("http://", "https://", "//")), url
+
+
+def test_signed_out_htmx_requests_get_a_full_page_redirect(client, user):
+    response = client.get("/sidebar?q=x", headers={"HX-Request": "true"})
+    assert response.status_code == 204
+    assert response.headers["HX-Redirect"] == "/login?next=/sidebar?q%3Dx"
+
+
+def test_huge_bodies_are_refused_cleanly(client, auth):
+    response = client.post("/chat/", data=b"{" + b" " * (200 * 1024) + b"}", headers=auth,
+                           content_type="application/json")
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "request_entity_too_large"

@@ -59,7 +59,7 @@ def _database_url():
 def load_config():
     """Read the environment into a plain dict of Flask config keys."""
     load_dotenv(ROOT / ".env", override=False)
-    return {
+    config = {
         "SECRET_KEY": os.environ.get("SECRET_KEY", ""),
         "DEBUG": _bool("FLASK_DEBUG", False),
         "SQLALCHEMY_DATABASE_URI": _database_url(),
@@ -94,6 +94,9 @@ def load_config():
         "WTF_CSRF_TIME_LIMIT": None,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
     }
+    # Refuse huge bodies before parsing them: room for the longest prompt in 4-byte UTF-8, plus JSON.
+    config["MAX_CONTENT_LENGTH"] = config["MAX_PROMPT_CHARS"] * 4 + 64 * 1024
+    return config
 
 
 def secret_key_problem(config):

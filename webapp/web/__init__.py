@@ -1,5 +1,5 @@
 """The browser door: server-rendered pages and htmx fragments, signed in with a session cookie."""
-from flask import Blueprint, g, request
+from flask import Blueprint, flash, g, redirect, request, url_for
 
 from ..extensions import db, login_manager
 from ..models import User
@@ -25,13 +25,23 @@ def load_user(session_id):
     return user
 
 
+@login_manager.unauthorized_handler
+def send_to_sign_in():
+    """Signed-out visitors go to the sign-in page and come back; htmx requests get a full-page
+    redirect instead of a sign-in form swapped into some corner of the page."""
+    target = url_for("auth.login", next=request.full_path.rstrip("?"))
+    if request.headers.get("HX-Request") == "true":
+        return "", 204, {"HX-Redirect": target}
+    flash("Please sign in to continue.")
+    return redirect(target)
+
+
 def init_web(app):
     from . import views  # noqa: F401  (routes register on import)
     from ..auth import views as auth_views  # noqa: F401
     app.register_blueprint(bp)
     app.register_blueprint(auth_views.bp)
     login_manager.login_view = "auth.login"
-    login_manager.login_message = "Please sign in to continue."
 
     @app.after_request
     def security_headers(response):
