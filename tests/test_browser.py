@@ -50,7 +50,7 @@ def page(chromium, server):
 
 def sign_in(page, username="alice", password=PASSWORD, screenshot=None):
     page.goto(page.base + "/")
-    expect(page).to_have_url(page.base + "/login?next=%2F")
+    expect(page).to_have_url(page.base + "/login?next=/")
     if screenshot:
         shoot(page, screenshot)
     page.get_by_label("Username").fill(username)
