@@ -43,6 +43,8 @@ def page(chromium, server):
     page = context.new_page()
     page.dialogs = []
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.accept()))
+    page.console = []
+    page.on("console", lambda message: page.console.append(message.text))
     page.base = server.url
     yield page
     context.close()
@@ -105,6 +107,7 @@ def test_chat_streams_in_steps_and_survives_reload(page, ollama):
     page.get_by_role("button", name="Show conversations").click()
     expect(page.locator("#sidebar")).to_be_in_viewport()
     shoot(page, "sidebar-phone-light")
+    assert not [m for m in page.console if "Content Security Policy" in m], page.console
 
 
 def test_stop_closes_the_model_connection(page, ollama):

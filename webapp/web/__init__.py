@@ -49,6 +49,4 @@ def init_web(app):
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         response.headers.setdefault("X-Frame-Options", "DENY")
-        if request.is_secure:
-            app.session_interface  # Secure cookies: see SESSION_COOKIE_SECURE
         return response
