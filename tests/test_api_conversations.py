@@ -191,3 +191,13 @@ def test_deleting_a_conversation_mid_answer_answers_404_not_500(app, client, aut
     assert client.delete(f"/conversations/{listing[0]['id']}", headers=auth).status_code == 204
     thread.join(10)
     assert result["response"].status_code == 404
+
+
+def test_model_list_is_cached_briefly(make_app, ollama):
+    app = make_app(MODELS_CACHE_SECONDS=60.0)
+    client = app.test_client()
+    make_user(app)
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
+    for _ in range(3):
+        assert client.get("/models", headers=auth).status_code == 200
+    assert sum(1 for r in ollama.requests if r["path"] == "/api/tags") == 1

@@ -19,7 +19,6 @@ from .models import (ACTIVE_STATUSES, COMPLETE, FINAL_STATUSES, INTERRUPTED, PEN
                      Message, utcnow)
 
 TITLE_LENGTH = 60
-_models_cache = {}
 
 
 class ChatError(Exception):
@@ -50,14 +49,13 @@ def client():
 
 
 def list_models():
-    """Models from the LLM server, cached briefly so page loads do not hammer it."""
-    ttl = current_app.config["MODELS_CACHE_SECONDS"]
-    key = id(client())
-    cached = _models_cache.get(key)
-    if cached and time.monotonic() - cached[0] < ttl:
+    """Models from the LLM server, cached briefly (per process) so page loads do not hammer it."""
+    extensions = current_app.extensions
+    cached = extensions.get("models_cache")
+    if cached and time.monotonic() - cached[0] < current_app.config["MODELS_CACHE_SECONDS"]:
         return cached[1]
     models = client().list_models()
-    _models_cache[key] = (time.monotonic(), models)
+    extensions["models_cache"] = (time.monotonic(), models)
     return models
 
 
