@@ -5,7 +5,7 @@ Starts the Ollama-protocol test server (each answer: 100 tokens, 20 ms apart, ~2
 PostgreSQL database (or TEST_DATABASE_URL), and gunicorn (2 workers x 32 threads), then runs N
 concurrent streaming chats in N conversations and samples pg_stat_activity while they run.
 
-    .venv/bin/python bench/bench_streams.py [N]
+    .venv/bin/python bench/bench_streams.py [N] [--sqlite]
 """
 import os
 import statistics
@@ -45,15 +45,20 @@ def one_stream(server, auth, results):
 
 
 def main():
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    numbers = [a for a in sys.argv[1:] if a.isdigit()]
+    count = int(numbers[0]) if numbers else 50
     ollama = FakeOllama().start()
     ollama.script(reply="tok " * TOKENS, delay=GAP)
-    database = TestDatabase()
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database.url})
+    sqlite = "--sqlite" in sys.argv
+    database = None if sqlite else TestDatabase()
+    url = "sqlite:////tmp/bench-streams.db" if sqlite else database.url
+    if sqlite and os.path.exists("/tmp/bench-streams.db"):
+        os.remove("/tmp/bench-streams.db")
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
     with app.app_context():
         upgrade()
         create_user("bench", "bench-password")
-    server = LiveServer(database.url, ollama.url, workers=2, GUNICORN_THREADS=32, LLM_READ_TIMEOUT=30,
+    server = LiveServer(url, ollama.url, workers=2, GUNICORN_THREADS=32, LLM_READ_TIMEOUT=30,
                         STREAM_FLUSH_SECONDS=0.25, HEARTBEAT_SECONDS=1, LOG_LEVEL="WARNING").start()
     try:
         auth = login(server.url, "bench", "bench-password")
@@ -79,7 +84,7 @@ def main():
                         busy[0] = max(busy[0], active)
                     time.sleep(0.05)
         started = time.perf_counter()
-        sampler = threading.Thread(target=sample)
+        sampler = threading.Thread(target=sample if database else stop.wait)
         sampler.start()
         for thread in threads:
             thread.start()
@@ -97,12 +102,14 @@ def main():
         print(f"  time to first token under the burst: "
               f"median {statistics.median(firsts) * 1000:.0f} ms, p95 {firsts[int(len(firsts) * .95) - 1] * 1000:.0f} ms")
         print(f"  whole answer: median {statistics.median(totals):.2f} s, max {totals[-1]:.2f} s")
-        print(f"  PostgreSQL connections of the app: {peak[0] - 1} open at peak (the two workers' pools), "
-              f"at most {busy[0] - 1} in use at once mid-stream (for {count} live streams)")
+        if database:
+            print(f"  PostgreSQL connections of the app: {peak[0] - 1} open at peak (the two workers' pools), "
+                  f"at most {busy[0] - 1} in use at once mid-stream (for {count} live streams)")
     finally:
         server.stop()
         ollama.stop()
-        database.drop()
+        if database:
+            database.drop()
 
 
 if __name__ == "__main__":
