@@ -178,6 +178,9 @@ def list_conversations(user, limit=20, cursor=None, query=None):
                               .limit(limit + 1)).all()
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
+    for conversation in page:
+        if conversation.active_message_id:  # rare: only chats answering right now, or orphaned by a crash
+            reap_if_stale(conversation)
     return page, next_cursor
 
 
