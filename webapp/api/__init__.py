@@ -4,4 +4,4 @@ from flask import Blueprint
 
 bp = Blueprint("api", __name__)
 
-from . import errors, auth, chat, conversations, models  # noqa: E402,F401  (routes register on import)
+from . import errors, auth, chat, conversations, models, openapi  # noqa: E402,F401  (routes register on import)

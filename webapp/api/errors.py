@@ -34,7 +34,7 @@ def is_api_request():
     return request.blueprint == "api" or request.path.startswith(API_PREFIXES)
 
 
-API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health")
+API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/openapi.json")
 
 
 def http_error_as_json(exc: HTTPException):
