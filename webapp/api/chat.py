@@ -92,8 +92,9 @@ def finished_response(final, prompt, user_message_id=None):
                           user_message_id=user_message_id, partial_response=final.content)
 
 
-def stream_turn(ids, prompt):
-    """start, token…, then done (or error): every event's data is JSON."""
+def stream_turn(ids, prompt=None):
+    """start, token…, then done (or error): every event's data is JSON. Used for new turns,
+    regenerations and re-attaching alike; following replays from the first token."""
     yield sse.event("start", ids)
     yield from follow_frames(ids["message_id"], prompt)
 

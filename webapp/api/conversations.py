@@ -4,7 +4,7 @@ from flask import g, jsonify, request
 
 from .. import chat, sse
 from . import bp
-from .chat import finished_response, follow_frames, parse_options, turn_result
+from .chat import finished_response, parse_options, stream_turn, turn_result
 from .guard import json_body, token_required
 
 
@@ -79,7 +79,7 @@ def regenerate(conversation_id):
     if data.get("stream"):
         ids = {"request_id": g.request_id, "conversation_id": conversation_id, "message_id": message_id,
                "user_message_id": None, "model": turn.model}
-        return sse.response(_with_start(ids, message_id))
+        return sse.response(stream_turn(ids))
     return finished_response(chat.wait_final(message_id), None)
 
 
@@ -97,12 +97,7 @@ def reattach(conversation_id, message_id):
     message = _owned_message(conversation_id, message_id)
     ids = {"request_id": g.request_id, "conversation_id": message.conversation_id, "message_id": message.id,
            "user_message_id": None, "model": message.model}
-    return sse.response(_with_start(ids, message.id))
-
-
-def _with_start(ids, message_id):
-    yield sse.event("start", ids)
-    yield from follow_frames(message_id)
+    return sse.response(stream_turn(ids))
 
 
 def _owned_message(conversation_id, message_id):
