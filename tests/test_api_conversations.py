@@ -201,3 +201,10 @@ def test_model_list_is_cached_briefly(make_app, ollama):
     for _ in range(3):
         assert client.get("/models", headers=auth).status_code == 200
     assert sum(1 for r in ollama.requests if r["path"] == "/api/tags") == 1
+
+
+def test_health_does_not_reveal_the_llm_address(make_app):
+    body = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client().get("/health").get_data(as_text=True)
+    assert "127.0.0.1:9" not in body
+    body = make_app().test_client().get("/health").get_data(as_text=True)
+    assert "127.0.0.1" not in body

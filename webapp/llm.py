@@ -233,7 +233,9 @@ class _HTTPBackend:
         except requests.RequestException as exc:
             if abort is not None and abort.requested:
                 raise Cancelled("stopped") from None
-            raise _request_error(exc, self.base_url) from exc
+            # The URL goes to the operator's log, not to clients: the LLM's address is configuration.
+            log.warning("LLM request to %s%s failed: %s", self.base_url, path, exc)
+            raise _request_error(exc) from exc
         finally:
             _tracking.abort = None
 
@@ -264,14 +266,14 @@ class _HTTPBackend:
         return UpstreamError(f"the model server failed: {message}")
 
 
-def _request_error(exc, base_url):
+def _request_error(exc):
     if isinstance(exc, requests.ConnectTimeout):
-        return LLMUnreachable(f"cannot reach the model server at {base_url}")
+        return LLMUnreachable("cannot reach the model server")
     if isinstance(exc, requests.Timeout):
-        return LLMTimeout(f"the model server at {base_url} did not answer in time")
+        return LLMTimeout("the model server did not answer in time")
     if isinstance(exc, requests.ConnectionError):
-        return LLMUnreachable(f"cannot reach the model server at {base_url}")
-    return UpstreamError(f"the request to the model server failed: {exc}")
+        return LLMUnreachable("cannot reach the model server")
+    return UpstreamError("the request to the model server failed")
 
 
 # ---- Ollama ------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ class OllamaClient(_HTTPBackend):
         response = self._request("GET", "/api/version", timeout=(self.connect_timeout, 5))
         if response.status_code != 200:
             raise UpstreamError(f"the model server answered {response.status_code}")
-        return {"backend": self.name, "url": self.base_url, "version": self._json(response).get("version")}
+        return {"backend": self.name, "version": self._json(response).get("version")}
 
     def list_models(self):
         response = self._request("GET", "/api/tags", timeout=(self.connect_timeout, 10))
@@ -352,7 +354,7 @@ class OpenAIClient(_HTTPBackend):
 
     def health(self):
         self.list_models()
-        return {"backend": self.name, "url": self.base_url, "version": None}
+        return {"backend": self.name, "version": None}
 
     def list_models(self):
         response = self._request("GET", "/models", timeout=(self.connect_timeout, 10))
