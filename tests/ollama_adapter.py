@@ -12,9 +12,11 @@ import json
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from webapp.local_llm import ALIAS, gguf_path
+from ollama_server import serve
+
+from webapp.local_llm import ALIAS, gguf_path  # noqa: E402
 
 MODEL_NAME = ALIAS + ":latest"
 
@@ -29,14 +31,7 @@ class TinyOllama:
         self._server = None
 
     def start(self):
-        adapter = self
-
-        class Handler(_Handler):
-            owner = adapter
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server, self.url = serve(_Handler, "owner", self)
         return self
 
     def stop(self):

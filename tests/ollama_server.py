@@ -17,6 +17,15 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def serve(handler, attribute, owner):
+    """Serve `handler` (given `owner` as a class attribute) on a free loopback port, in a thread."""
+    bound = type(handler.__name__, (handler,), {attribute: owner})
+    server = _QuietServer(("127.0.0.1", 0), bound)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,14 +53,7 @@ class FakeOllama:
     # -- control -------------------------------------------------------------------------------
 
     def start(self):
-        fake = self
-
-        class Handler(_Handler):
-            server_state = fake
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True, name="fake-ollama").start()
+        self._server, self.url = serve(_Handler, "server_state", self)
         return self
 
     def stop(self):

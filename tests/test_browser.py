@@ -62,6 +62,7 @@ def sign_in(page, username="alice", password=PASSWORD, screenshot=None):
 
 
 def ask(page, prompt):
+    page.wait_for_selector("html[data-js-ready]", state="attached")  # Enter is handled by app.js
     page.locator("#prompt").fill(prompt)
     page.locator("#prompt").press("Enter")
 
@@ -141,6 +142,7 @@ def test_rename_search_delete_and_sign_out(page, ollama):
     ask(page, "about penguins")
     expect(last_answer(page).locator(".stats")).to_be_visible()
     page.locator("a.new-chat").click()
+    page.wait_for_url("**/?new=1")
     ask(page, "about volcanoes")
     expect(page.locator("#conversation-list li.conversation-item")).to_have_count(2)
     expect(last_answer(page).locator(".stats")).to_be_visible()

@@ -128,5 +128,6 @@
     activate(document);
     toBottom();
     if (window.htmx) { window.htmx.onLoad(function (elt) { activate(elt); }); }
+    document.documentElement.setAttribute("data-js-ready", "");  // for tests: handlers are in place
   });
 })();
