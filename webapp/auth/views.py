@@ -1,7 +1,7 @@
 """Sign in, sign out, registration and password change for the browser door."""
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
 from .passwords import AccountError, authenticate, create_user, set_password
@@ -10,8 +10,11 @@ bp = Blueprint("auth", __name__)
 
 
 def safe_next(target):
-    """Only a local path: no scheme, no host, no protocol-relative '//' or backslash tricks."""
+    """Only a local path: no scheme, no host, no protocol-relative '//' or backslash tricks, and no
+    whitespace or control characters (browsers drop tabs and newlines, so '/<TAB>/evil' becomes '//evil')."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in target):
         return None
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
@@ -46,7 +49,11 @@ def logout():
 @bp.route("/register", methods=["GET", "POST"])
 def register():
     if not current_app.config["ALLOW_SIGNUP"]:
-        abort(404)
+        # 404 like any missing page, but in words: the operator turned sign-up off.
+        return render_template("error.html", code=404, title="Sign-up is closed",
+                               message="New accounts can't be created here. Ask the administrator for one."), 404
+    if current_user.is_authenticated:
+        return redirect(url_for("web.index"))
     error = None
     if request.method == "POST":
         password = request.form.get("password", "")

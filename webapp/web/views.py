@@ -6,20 +6,20 @@ plain requests the page is rendered again with the message and what the person t
 """
 import time
 
-from werkzeug.exceptions import NotFound
-
-from flask import abort, g, redirect, render_template, request, url_for
+from flask import abort, current_app, g, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
+from flask_wtf.csrf import CSRFError
 
 from .. import chat, llm, sse
 from ..markdown import render as render_markdown
 from ..models import ACTIVE_STATUSES, usage_dict
 from . import bp
-from .errors import http_error_page
+from .errors import csrf_failure, not_found_page
 
 SIDEBAR_PAGE = 30
 MESSAGE_PAGE = 40
-RENDER_INTERVAL = 0.1  # seconds between HTML snapshots while an answer streams
+RENDER_INTERVAL = 0.1  # seconds between HTML snapshots while an answer streams (at most ~10 renders/s)
+QUERY_LIMIT = 200
 
 # Plain words for what went wrong, by the message's error code.
 FRIENDLY_ERRORS = {
@@ -39,8 +39,13 @@ def markdown_filter(text):
 
 @bp.app_context_processor
 def helpers():
-    return {"friendly_error": lambda m: FRIENDLY_ERRORS.get(m.error_code, m.error or "The answer failed."),
-            "usage_of": usage_dict, "is_active": lambda m: m.status in ACTIVE_STATUSES}
+    return {"friendly_error": friendly_error, "usage_of": usage_dict,
+            "is_active": lambda m: m.status in ACTIVE_STATUSES}
+
+
+def friendly_error(message):
+    """Known failures in plain words; an unknown code falls back to the saved reason."""
+    return FRIENDLY_ERRORS.get(message.error_code) or message.error or "The answer failed."
 
 
 def is_htmx():
@@ -51,6 +56,10 @@ def user():
     return current_user._get_current_object()
 
 
+def search_query():
+    return request.args.get("q", "").strip()[:QUERY_LIMIT]
+
+
 def models_or_none():
     """The model list for the picker, or None when the model server is down (the page still works)."""
     try:
@@ -59,14 +68,27 @@ def models_or_none():
         return None
 
 
+def owned(call, *args, **kwargs):
+    """Run a service call; someone else's (or a missing) id answers the same 404 page."""
+    try:
+        return call(*args, **kwargs)
+    except chat.ChatError as exc:
+        if exc.status == 404:
+            abort(404)
+        raise
+
+
 # ---- pages -----------------------------------------------------------------------------------------
 
 @bp.get("/")
 @login_required
 def index():
-    page, _ = chat.list_conversations(user(), limit=1)
-    if page and not request.args.get("new"):
-        return redirect(url_for("web.conversation", conversation_id=page[0].id))
+    """The newest conversation, or the empty "new chat" state (?new=1, or no chats yet)."""
+    query = search_query()
+    if not request.args.get("new"):
+        page, _ = chat.list_conversations(user(), limit=1)
+        if page:
+            return redirect(url_for("web.conversation", conversation_id=page[0].id, q=query or None))
     return render_chat(None)
 
 
@@ -77,14 +99,20 @@ def conversation(conversation_id):
 
 
 def render_chat(conversation_id, error=None, draft="", status=200):
+    """The whole page. `q`, `cursor` and `before` in the query string let the sidebar search, the
+    sidebar's "load more" and "load older messages" work as plain links when JavaScript is off."""
     conversation, messages, older = None, [], None
     if conversation_id is not None:
-        conversation, messages, older = chat.list_messages(user(), conversation_id, limit=MESSAGE_PAGE)
-    sidebar, next_cursor = chat.list_conversations(user(), limit=SIDEBAR_PAGE)
+        conversation, messages, older = owned(chat.list_messages, user(), conversation_id, limit=MESSAGE_PAGE,
+                                              before=request.args.get("before", type=int))
+    query = search_query()
+    sidebar, next_cursor = chat.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
+                                                   query=query or None)
+    busy = any(m.status in ACTIVE_STATUSES for m in messages)
     return render_template("chat.html", conversation=conversation, messages=messages, older=older,
-                           sidebar=sidebar, next_cursor=next_cursor, query="", models=models_or_none(),
-                           default_model=conversation.model if conversation else
-                           chat.current_app.config["DEFAULT_MODEL"], error=error, draft=draft), status
+                           sidebar=sidebar, next_cursor=next_cursor, query=query, models=models_or_none(),
+                           default_model=conversation.model if conversation else current_app.config["DEFAULT_MODEL"],
+                           error=error, draft=draft, busy=busy), status
 
 
 # ---- fragments ----------------------------------------------------------------------------------
@@ -92,10 +120,11 @@ def render_chat(conversation_id, error=None, draft="", status=200):
 @bp.get("/sidebar")
 @login_required
 def sidebar():
-    query = request.args.get("q", "").strip()[:200]
+    """One page of the conversation list (search and infinite scroll both land here)."""
+    query = search_query()
     items, next_cursor = chat.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
                                                  query=query or None)
-    return render_template("_sidebar_items.html", sidebar=items, next_cursor=next_cursor, query=query,
+    return render_template("_sidebar_page.html", sidebar=items, next_cursor=next_cursor, query=query,
                            current_id=request.args.get("current", type=int))
 
 
@@ -103,13 +132,17 @@ def sidebar():
 @login_required
 def older_messages(conversation_id):
     before = request.args.get("before", type=int)
-    conversation, messages, older = chat.list_messages(user(), conversation_id, limit=MESSAGE_PAGE, before=before)
+    if not is_htmx():  # a plain link: the page itself, starting further back
+        return redirect(url_for("web.conversation", conversation_id=conversation_id, before=before))
+    conversation, messages, older = owned(chat.list_messages, user(), conversation_id, limit=MESSAGE_PAGE,
+                                          before=before)
     return render_template("_older.html", conversation=conversation, messages=messages, older=older)
 
 
 @bp.get("/status")
 @login_required
 def status():
+    """The header's model-server indicator (htmx polls it)."""
     try:
         chat.client().health()
         reachable = True
@@ -130,7 +163,7 @@ def new_chat():
     except chat.ChatError as exc:
         return turn_error(None, exc, prompt)
     target = url_for("web.conversation", conversation_id=turn.conversation_id)
-    if is_htmx():
+    if is_htmx():  # a new conversation means a new page (sidebar, header, URL)
         return "", 204, {"HX-Redirect": target}
     return redirect(target)
 
@@ -139,24 +172,23 @@ def new_chat():
 @login_required
 def send(conversation_id):
     prompt, model = request.form.get("prompt", ""), request.form.get("model") or None
+    conversation = owned(chat.get_conversation, user(), conversation_id)
     try:
-        conversation = chat.get_conversation(user(), conversation_id)
-        if model and model != conversation.model:
+        if model and model != conversation.model:  # the picker changes the conversation's model
             chat.update_conversation(user(), conversation_id, model=model)
         turn = chat.start_turn(user(), prompt, conversation_id, request_id=g.request_id)
     except chat.ChatError as exc:
-        if exc.status == 404:
+        if exc.status == 404:  # deleted meanwhile
             abort(404)
         return turn_error(conversation_id, exc, prompt)
     if not is_htmx():
         return redirect(url_for("web.conversation", conversation_id=conversation_id))
-    return render_template("_turn.html", conversation_id=conversation_id,
-                           user_message=chat.get_message(user(), turn.user_message_id),
+    return render_template("_turn.html", user_message=chat.get_message(user(), turn.user_message_id),
                            answer=chat.get_message(user(), turn.message_id))
 
 
 def turn_error(conversation_id, exc, draft):
-    """Say what went wrong and keep what the person typed."""
+    """Say what went wrong and keep what the person typed (htmx leaves the textarea alone)."""
     if is_htmx():
         return (render_template("_composer_error.html", message=exc.message), 200,
                 {"HX-Retarget": "#composer-error", "HX-Reswap": "innerHTML"})
@@ -166,31 +198,32 @@ def turn_error(conversation_id, exc, draft):
 @bp.post("/c/<int:conversation_id>/stop")
 @login_required
 def stop(conversation_id):
+    """Stop the running answer. The answer's own SSE stream then delivers the "Stopped." bubble."""
     try:
         chat.stop(user(), conversation_id)
     except chat.ChatError as exc:
         if exc.status == 404:
-            abort(404)  # someone else's; "not generating" is fine: it already ended
-    return back_to(conversation_id)
+            abort(404)
+        # 409 "not generating": it already ended by itself, which is what the person wanted
+    if is_htmx():
+        return "", 204
+    return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/regenerate")
 @login_required
 def regenerate(conversation_id):
+    """Answer the last prompt again; with htmx the new (streaming) bubble replaces the old one."""
+    owned(chat.get_conversation, user(), conversation_id)
     try:
-        chat.regenerate(user(), conversation_id, request_id=g.request_id)
+        turn = chat.regenerate(user(), conversation_id, request_id=g.request_id)
     except chat.ChatError as exc:
         if exc.status == 404:
             abort(404)
         return turn_error(conversation_id, exc, "")
-    return back_to(conversation_id, reload=True)
-
-
-def back_to(conversation_id, reload=False):
-    target = url_for("web.conversation", conversation_id=conversation_id)
-    if is_htmx():
-        return "", 204, ({"HX-Redirect": target} if reload else {})
-    return redirect(target)
+    if not is_htmx():
+        return redirect(url_for("web.conversation", conversation_id=conversation_id))
+    return render_template("_message.html", message=chat.get_message(user(), turn.message_id), last=True)
 
 
 @bp.get("/c/<int:conversation_id>/m/<int:message_id>/events")
@@ -198,14 +231,16 @@ def back_to(conversation_id, reload=False):
 def events(conversation_id, message_id):
     """SSE for one answer: `html` snapshots of the rendered text so far, then `done` with the final
     message fragment. Replays from the start, so reconnecting after a reload shows everything."""
-    message = chat.get_message(user(), message_id)
+    message = owned(chat.get_message, user(), message_id)
     if message.conversation_id != conversation_id:
         abort(404)
-    owner = user()
-    return sse.response(answer_frames(owner, message_id))
+    return sse.response(answer_frames(message_id))
 
 
-def answer_frames(owner, message_id):
+def answer_frames(message_id):
+    """Render the whole answer so far on a token, unless the last render was under RENDER_INTERVAL
+    ago (markdown must be re-rendered whole: a later token can close an open code fence). The final
+    `done` frame always carries the complete text, so a skipped snapshot is never lost."""
     text, last_render = "", 0.0
     for kind, value in chat.follow(message_id):
         if kind == "token":
@@ -214,10 +249,13 @@ def answer_frames(owner, message_id):
                 yield sse.event("html", {"html": str(render_markdown(text))})
                 last_render = time.monotonic()
         elif kind == "ping":
-            yield sse.PING
+            yield sse.PING  # lets the server notice a reader that went away
         elif kind == "done":
             html = render_template("_message.html", message=value, last=True)
             yield sse.event("done", {"html": html, "status": value.status})
+            return
+    # follow() ends without "done" only if the conversation was deleted meanwhile
+    yield sse.event("gone", {"html": ""})
 
 
 # ---- conversation settings ---------------------------------------------------------------------
@@ -225,21 +263,22 @@ def answer_frames(owner, message_id):
 @bp.post("/c/<int:conversation_id>/rename")
 @login_required
 def rename(conversation_id):
+    owned(chat.get_conversation, user(), conversation_id)
     try:
         conversation = chat.update_conversation(user(), conversation_id, title=request.form.get("title", ""))
     except chat.ChatError as exc:
         if exc.status == 404:
             abort(404)
-        conversation = chat.get_conversation(user(), conversation_id)
+        conversation = chat.get_conversation(user(), conversation_id)  # e.g. an empty title: keep the old one
     if is_htmx():
-        return render_template("_sidebar_item.html", item=conversation, current_id=conversation_id)
+        return render_template("_conversation_item.html", item=conversation, current_id=conversation_id)
     return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/delete")
 @login_required
 def delete(conversation_id):
-    chat.delete_conversation(user(), conversation_id)
+    owned(chat.delete_conversation, user(), conversation_id)
     if is_htmx():
         return "", 204, {"HX-Redirect": url_for("web.index")}
     return redirect(url_for("web.index"))
@@ -248,6 +287,8 @@ def delete(conversation_id):
 @bp.post("/c/<int:conversation_id>/settings")
 @login_required
 def settings(conversation_id):
+    """The per-conversation model and system prompt."""
+    owned(chat.get_conversation, user(), conversation_id)
     try:
         chat.update_conversation(user(), conversation_id, model=request.form.get("model") or None,
                                  system_prompt=request.form.get("system_prompt", ""))
@@ -255,11 +296,20 @@ def settings(conversation_id):
         if exc.status == 404:
             abort(404)
         return turn_error(conversation_id, exc, "")
-    return back_to(conversation_id, reload=True)
+    target = url_for("web.conversation", conversation_id=conversation_id)
+    if is_htmx():
+        return "", 204, {"HX-Redirect": target}
+    return redirect(target)
+
+
+bp.app_errorhandler(CSRFError)(csrf_failure)
 
 
 @bp.errorhandler(chat.ChatError)
 def chat_error(exc):
+    """A refusal that reached no view-level handler, e.g. a bad sidebar cursor."""
     if exc.status == 404:  # someone else's id looks exactly like a missing one
-        return http_error_page(NotFound())
+        return not_found_page()
+    if is_htmx():
+        return render_template("_composer_error.html", message=exc.message), exc.status
     return render_template("error.html", code=exc.status, title="That didn't work", message=exc.message), exc.status
