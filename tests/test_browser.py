@@ -155,6 +155,8 @@ def test_rename_search_delete_and_sign_out(page, ollama):
     page.locator("details.conversation-settings summary").click()
     page.get_by_role("button", name="Delete conversation").click()
     assert page.dialogs and "cannot be undone" in page.dialogs[-1]
+    # The delete redirects to the remaining chat: wait for that page, not the filtered old one.
+    expect(page.get_by_label("Conversation title")).to_have_value("about penguins")
     expect(page.locator("#conversation-list li.conversation-item")).to_have_count(1)
     expect(page.locator("#conversation-list")).not_to_contain_text("Fire mountains")
     page.get_by_role("button", name="Sign out").click()

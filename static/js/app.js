@@ -1,33 +1,55 @@
 // The little JavaScript htmx cannot do: follow streaming answers (SSE), the composer's keys,
-// keeping the view at the newest text, copy buttons on code, the phone-width sidebar toggle.
-// No inline scripts anywhere: the Content-Security-Policy forbids them.
+// keeping the view at the newest text, copy buttons on code, the phone-width sidebar.
+// No inline scripts anywhere: the Content-Security-Policy forbids them. Everything here is an
+// enhancement: without JavaScript every form still posts and the answer shows after a reload.
 (function () {
   "use strict";
 
-  var streams = {};
+  var streams = {};  // article id -> EventSource
 
-  function scroller() { return document.getElementById("scroller"); }
+  function byId(id) { return document.getElementById(id); }
 
   // Follow new text only when the reader is already at the bottom (they may have scrolled up to read).
   function nearBottom() {
-    var s = scroller();
+    var s = byId("scroller");
     return !s || s.scrollHeight - s.scrollTop - s.clientHeight < 80;
   }
 
   function toBottom() {
-    var s = scroller();
+    var s = byId("scroller");
     if (s) { s.scrollTop = s.scrollHeight; }
+  }
+
+  function announce(text) {
+    var slot = byId("announcer");
+    if (slot) { slot.textContent = text; }
+  }
+
+  function composerError(text) {
+    var slot = byId("composer-error");
+    if (slot) { slot.textContent = text; }
+  }
+
+  // One turn at a time per conversation: Send is off while any answer on the page is streaming.
+  // The textarea stays usable so the next question can be written meanwhile.
+  function setBusy(busy) {
+    var send = byId("send");
+    if (send) { send.disabled = busy; }
+    var form = byId("composer");
+    if (form) { form.classList.toggle("busy", busy); }
   }
 
   function anyStreaming() {
     return document.querySelector("article.message[data-stream-url]") !== null;
   }
 
-  function setBusy(busy) {
-    var send = document.getElementById("send");
-    if (send) { send.disabled = busy; }
-    var form = document.getElementById("composer");
-    if (form) { form.classList.toggle("busy", busy); }
+  // Only the newest answer offers Retry/Regenerate (the server would regenerate the newest turn).
+  function pruneOldRetries() {
+    var articles = document.querySelectorAll("#messages article.message");
+    for (var i = 0; i < articles.length - 1; i++) {
+      var form = articles[i].querySelector("form.regenerate");
+      if (form) { form.remove(); }
+    }
   }
 
   function addCopyButtons(root) {
@@ -42,8 +64,24 @@
     });
   }
 
-  // Server-Sent Events: "html" carries the whole answer so far (rendered and sanitized on the
-  // server), "done" the final message. A reconnect replays from the start, so we replace, not append.
+  function fragment(html) {
+    var template = document.createElement("template");
+    template.innerHTML = html.trim();
+    return template.content.firstElementChild;
+  }
+
+  // Call after the article left the streaming state (replaced, removed, or marked failed).
+  function finish(article, source) {
+    source.close();
+    delete streams[article.id];
+    setBusy(anyStreaming());
+  }
+
+  // Server-Sent Events from /c/<id>/m/<message id>/events:
+  //   "html" - the whole answer so far, rendered and sanitized on the server (a reconnect replays
+  //            from the start, so we replace the text, never append);
+  //   "done" - the final message fragment (stats, or the failure in words, and Retry);
+  //   "gone" - the conversation was deleted meanwhile.
   function follow(article) {
     var url = article.getAttribute("data-stream-url");
     if (!url || streams[article.id]) { return; }
@@ -52,76 +90,149 @@
     setBusy(true);
     source.addEventListener("html", function (event) {
       var stick = nearBottom();
-      article.querySelector(".text").innerHTML = JSON.parse(event.data).html;
+      var text = article.querySelector(".text");
+      if (text) { text.innerHTML = JSON.parse(event.data).html; }
       addCopyButtons(article);
       if (stick) { toBottom(); }
     });
     source.addEventListener("done", function (event) {
       var stick = nearBottom();
-      source.close();
-      delete streams[article.id];
-      var template = document.createElement("template");
-      template.innerHTML = JSON.parse(event.data).html.trim();
-      var fresh = template.content.firstElementChild;
+      var data = JSON.parse(event.data);
+      var fresh = fragment(data.html);
       article.replaceWith(fresh);
+      finish(article, source);
       if (window.htmx) { window.htmx.process(fresh); }
       addCopyButtons(fresh);
-      setBusy(anyStreaming());
+      var problem = fresh.querySelector(".message-footer .error");
+      announce(problem ? problem.textContent : (data.status === "cancelled" ? "Answer stopped." : "Answer finished."));
       if (stick) { toBottom(); }
+    });
+    source.addEventListener("gone", function () {
+      article.remove();
+      finish(article, source);
+    });
+    // Network trouble: EventSource reconnects by itself (and the stream replays). A refusal (signed
+    // out, 404) closes it for good: say so rather than showing "Answering…" forever.
+    source.addEventListener("error", function () {
+      if (source.readyState !== EventSource.CLOSED) { return; }
+      article.removeAttribute("data-stream-url");
+      article.removeAttribute("aria-busy");
+      finish(article, source);
+      var working = article.querySelector(".working");
+      if (working) {
+        working.className = "error";
+        working.textContent = "Lost the connection to this answer. Reload the page to see it.";
+      }
     });
   }
 
   function activate(root) {
+    if (root.matches && root.matches("article.message[data-stream-url]")) { follow(root); }
     root.querySelectorAll("article.message[data-stream-url]").forEach(follow);
     addCopyButtons(root);
+  }
+
+  function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) { return navigator.clipboard.writeText(text); }
+    // Plain http on a LAN has no clipboard API: fall back to a selected, off-screen textarea.
+    var area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "offscreen";
+    document.body.appendChild(area);
+    area.select();
+    var ok = document.execCommand("copy");
+    area.remove();
+    return ok ? Promise.resolve() : Promise.reject(new Error("copy failed"));
+  }
+
+  function setSidebar(open) {
+    document.body.classList.toggle("sidebar-open", open);
+    var toggle = document.querySelector(".sidebar-toggle");
+    if (toggle) {
+      toggle.setAttribute("aria-expanded", open ? "true" : "false");
+      toggle.setAttribute("aria-label", open ? "Hide conversations" : "Show conversations");
+    }
+    if (open) {
+      var search = byId("search");
+      if (search) { search.focus(); }
+    }
   }
 
   document.addEventListener("click", function (event) {
     var copy = event.target.closest(".copy-code");
     if (copy) {
       var code = copy.parentElement.querySelector("code");
-      navigator.clipboard.writeText(code ? code.innerText : "").then(function () {
+      copyText(code ? code.innerText : "").then(function () {
         copy.textContent = "Copied";
+      }, function () {
+        copy.textContent = "Copy failed";
+      }).then(function () {
         setTimeout(function () { copy.textContent = "Copy"; }, 1500);
       });
       return;
     }
-    var toggle = event.target.closest(".sidebar-toggle");
-    if (toggle) {
-      var open = document.body.classList.toggle("sidebar-open");
-      toggle.setAttribute("aria-expanded", open ? "true" : "false");
+    if (event.target.closest(".sidebar-toggle")) {
+      setSidebar(!document.body.classList.contains("sidebar-open"));
+      return;
+    }
+    // A click outside the open phone sidebar closes it.
+    if (document.body.classList.contains("sidebar-open") && !event.target.closest("#sidebar")) {
+      setSidebar(false);
     }
   });
 
-  // Enter sends, Shift+Enter adds a line (and never while an IME is composing text).
   document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape" && document.body.classList.contains("sidebar-open")) {
+      setSidebar(false);
+      var toggle = document.querySelector(".sidebar-toggle");
+      if (toggle) { toggle.focus(); }
+      return;
+    }
+    // Enter sends, Shift+Enter adds a line (and never while an IME is composing text).
     if (event.target.id !== "prompt" || event.key !== "Enter" || event.shiftKey || event.isComposing) { return; }
     event.preventDefault();
-    var send = document.getElementById("send");
+    var send = byId("send");
     if (send && !send.disabled && event.target.value.trim()) { event.target.form.requestSubmit(); }
+  });
+
+  // With htmx the search box filters as you type; the form's own submit is only for no-JS use.
+  document.addEventListener("submit", function (event) {
+    if (window.htmx && event.target.classList.contains("search-form")) { event.preventDefault(); }
+  });
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    if (event.detail.elt && event.detail.elt.id === "composer") {
+      setBusy(true);  // no double send while the POST is on its way
+      composerError("");
+    }
   });
 
   document.addEventListener("htmx:afterRequest", function (event) {
     var form = event.detail.elt;
     if (!form || form.id !== "composer") { return; }
     var failed = !event.detail.successful || (event.detail.target && event.detail.target.id === "composer-error");
-    if (!failed) {
-      form.querySelector("#prompt").value = "";
-      document.getElementById("composer-error").textContent = "";
-      var empty = document.querySelector("#messages > .empty");
-      if (empty) { empty.remove(); }
-      toBottom();
+    if (failed) {
+      setBusy(anyStreaming());  // the text stays in the box for another try
+      return;
     }
+    form.querySelector("#prompt").value = "";
+    var empty = document.querySelector("#messages > .empty");
+    if (empty) { empty.remove(); }
+    pruneOldRetries();
+    toBottom();
   });
 
+  // htmx does not swap error answers; show the server's words (plain text) or a generic line.
   document.addEventListener("htmx:responseError", function (event) {
-    var slot = document.getElementById("composer-error");
-    if (slot) { slot.textContent = "That didn't work (error " + event.detail.xhr.status + "). Your text is kept; try again."; }
+    var xhr = event.detail.xhr;
+    var type = xhr.getResponseHeader("Content-Type") || "";
+    var words = type.indexOf("text/plain") === 0 && xhr.responseText.length < 500 ? xhr.responseText : "";
+    composerError((words || "That didn't work (error " + xhr.status + ").") + " Your text is kept; try again.");
   });
 
   document.addEventListener("htmx:sendError", function () {
-    var slot = document.getElementById("composer-error");
-    if (slot) { slot.textContent = "The server can't be reached. Your text is kept; try again."; }
+    composerError("The server can't be reached. Your text is kept; try again.");
   });
 
   document.addEventListener("DOMContentLoaded", function () {

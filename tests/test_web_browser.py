@@ -1,0 +1,70 @@
+"""The chat page's own JavaScript in real headless Chromium: infinite scroll in the sidebar, Retry
+swapped in place, keyboard use of the phone sidebar. (The main end-to-end flows are in test_browser.py.)"""
+import pytest
+from playwright.sync_api import expect
+
+from test_browser import ask, chromium, last_answer, page, server, sign_in  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.browser
+
+
+def seed_conversations(app, count):
+    from webapp import chat
+    from webapp.extensions import db
+    from webapp.models import User
+    with app.test_request_context():
+        owner = db.session.get(User, 1)
+        for n in range(count):
+            chat.create_conversation(owner, title=f"seeded chat {n}")
+
+
+def test_sidebar_loads_more_when_scrolled(app, page):
+    seed_conversations(app, 45)
+    sign_in(page)
+    items = page.locator("#conversation-list li.conversation-item")
+    expect(items).to_have_count(30)
+    assert page.locator("#conversation-list li.load-more").count() == 1  # not fetched before it is seen
+    items.last.scroll_into_view_if_needed()  # brings the "load more" row into view
+    expect(items).to_have_count(45)
+    expect(page.locator("#conversation-list")).to_contain_text("seeded chat 0")
+
+
+def test_retry_replaces_the_answer_in_place_and_old_answers_lose_it(page, ollama):
+    sign_in(page)
+    ask(page, "first question")
+    expect(last_answer(page).locator(".stats")).to_be_visible()
+    ollama.script(reply="a regenerated answer", delay=0.05)
+    last_answer(page).get_by_role("button", name="Regenerate").click()
+    expect(last_answer(page)).to_contain_text("a regenerated answer")
+    expect(page.locator("article.message.assistant")).to_have_count(1)
+    expect(page).to_have_url(page.url)  # no page reload needed
+    ollama.script(reply="second answer")
+    ask(page, "second question")
+    expect(last_answer(page)).to_contain_text("second answer")
+    expect(page.get_by_role("button", name="Regenerate")).to_have_count(1)  # only the newest answer
+
+
+def test_phone_sidebar_by_keyboard(page):
+    page.set_viewport_size({"width": 360, "height": 740})
+    sign_in(page)
+    expect(page.locator("#search")).to_be_hidden()  # out of the tab order while closed
+    toggle = page.get_by_role("button", name="Show conversations")
+    toggle.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#search")).to_be_focused()
+    expect(page.get_by_role("button", name="Hide conversations")).to_have_attribute("aria-expanded", "true")
+    page.keyboard.press("Escape")
+    expect(page.locator("#search")).to_be_hidden()
+    expect(page.get_by_role("button", name="Show conversations")).to_be_focused()
+
+
+def test_stale_csrf_token_is_explained_and_the_text_kept(page, ollama):
+    sign_in(page)
+    page.wait_for_selector("html[data-js-ready]", state="attached")
+    page.evaluate("document.body.setAttribute('hx-headers', '{\"X-CSRFToken\": \"stale\"}'); "
+                  "document.querySelectorAll('input[name=csrf_token]').forEach(i => i.value = 'stale')")
+    page.locator("#prompt").fill("please keep me")
+    page.locator("#prompt").press("Enter")
+    expect(page.locator("#composer-error")).to_contain_text("expired")
+    expect(page.locator("#prompt")).to_have_value("please keep me")
+    expect(page.locator("#send")).to_be_enabled()
