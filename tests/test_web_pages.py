@@ -1,4 +1,5 @@
 """The browser pages and htmx fragments, through the Flask test client."""
+import json
 import re
 
 import pytest
@@ -257,3 +258,13 @@ def test_huge_bodies_are_refused_cleanly(client, auth):
                            content_type="application/json")
     assert response.status_code == 413
     assert response.get_json()["error"]["code"] == "request_entity_too_large"
+
+
+def test_throttled_tail_shows_while_the_model_pauses(browser, ollama):
+    """'two' arrives right after 'one' (inside the render throttle), then the model stalls for a
+    second: the snapshot with 'two' must go out during the stall, not wait for the next token."""
+    ollama.script(reply="one two three four", delay=0.03, fail="stall", fail_after=2, stall=1.0)
+    conversation_id = int(send(browser, "pause please").headers["Location"].rsplit("/", 1)[1])
+    snapshots = [json.loads(data)["html"] for name, data in read_sse(browser, f"/c/{conversation_id}/m/2/events")
+                 if name == "html"]
+    assert any("one two" in html and "three" not in html for html in snapshots), snapshots

@@ -322,8 +322,9 @@ def follow(message_id, poll=0.3, keepalive=10.0):
 
     Replays from the start, so a client that re-attaches gets the whole answer. Tokens come from
     this process's live generation when it is here, else from the row the generating worker
-    flushes (so it works from any worker or replica). ("ping", None) is yielded when idle, to let
-    the caller notice a client that went away.
+    flushes (so it works from any worker or replica). ("idle", None) comes after each quiet poll
+    (a tick for throttled renderers), and ("ping", None) every `keepalive` seconds of silence, to
+    let the caller notice a client that went away.
     """
     registry = registry_for(current_app._get_current_object())
     sent, idle_since = 0, time.monotonic()
@@ -341,6 +342,8 @@ def follow(message_id, poll=0.3, keepalive=10.0):
         if len(text) > sent:
             yield "token", text[sent:]
             sent, idle_since = len(text), time.monotonic()
+        elif not finished:
+            yield "idle", None
         if finished:
             yield "done", _fresh_message(message_id)
             return

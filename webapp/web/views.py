@@ -241,13 +241,14 @@ def answer_frames(message_id):
     """Render the whole answer so far on a token, unless the last render was under RENDER_INTERVAL
     ago (markdown must be re-rendered whole: a later token can close an open code fence). The final
     `done` frame always carries the complete text, so a skipped snapshot is never lost."""
-    text, last_render = "", 0.0
+    text, rendered, last_render = "", "", 0.0
     for kind, value in chat.follow(message_id):
         if kind == "token":
             text += value
-            if time.monotonic() - last_render >= RENDER_INTERVAL:
-                yield sse.event("html", {"html": str(render_markdown(text))})
-                last_render = time.monotonic()
+        if kind in ("token", "idle") and text != rendered and time.monotonic() - last_render >= RENDER_INTERVAL:
+            # On "idle" too: a tail held back by the throttle shows even if the model then pauses.
+            yield sse.event("html", {"html": str(render_markdown(text))})
+            rendered, last_render = text, time.monotonic()
         elif kind == "ping":
             yield sse.PING  # lets the server notice a reader that went away
         elif kind == "done":
