@@ -47,8 +47,9 @@ def _image_as_link(renderer, tokens, idx, options, env):
     return f'<a href="{escape(token.attrGet("src") or "")}">[image: {escape(alt)}]</a>'
 
 
-_md = MarkdownIt("commonmark", {"html": False, "highlight": _highlight, "breaks": True}).enable(
-    ["table", "strikethrough"])
+# linkify: bare http(s) URLs and e-mail addresses in answers become links (then pass the same checks).
+_md = MarkdownIt("commonmark", {"html": False, "highlight": _highlight, "breaks": True, "linkify": True}).enable(
+    ["table", "strikethrough", "linkify"])
 _md.add_render_rule("image", _image_as_link)
 
 
