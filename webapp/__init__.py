@@ -8,6 +8,8 @@ from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
+from . import https
+from .auth.throttle import RateLimitExceeded, limiter, retry_after_seconds
 from .extensions import csrf, db, htmx, login_manager, migrate
 from .logs import init_request_ids, setup_logging
 
@@ -32,6 +34,7 @@ def create_app(overrides=None):
     login_manager.init_app(app)
     csrf.init_app(app)
     htmx.init_app(app)
+    limiter.init_app(app)
     init_request_ids(app)
 
     from . import models  # noqa: F401  (register the tables with SQLAlchemy)
@@ -43,6 +46,7 @@ def create_app(overrides=None):
     from .cli import register_cli
     register_cli(app)
     _register_error_handlers(app)
+    https.wrap(app)
     return app
 
 
@@ -79,6 +83,14 @@ def _sqlite_pragmas(dbapi_connection, record):
 def _register_error_handlers(app):
     from .api.errors import http_error_as_json, is_api_request
     from .web.errors import http_error_page, internal_error_page
+
+    @app.errorhandler(RateLimitExceeded)
+    def throttled(exc):
+        # Only the sign-in views are limited; the wait is the same on both doors.
+        from .api.errors import too_many_sign_ins
+        from .auth.views import throttled_page
+        seconds = retry_after_seconds()
+        return too_many_sign_ins(seconds) if is_api_request() else throttled_page(seconds)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

@@ -3,11 +3,13 @@ from flask import jsonify, request
 
 from ..auth import tokens
 from ..auth.passwords import authenticate
+from ..auth.throttle import sign_in_limits
 from . import bp
 from .errors import error_response
 
 
 @bp.post("/auth/login")
+@sign_in_limits
 def login():
     form = request.form
     if form.get("grant_type") not in (None, "", "password"):

@@ -37,6 +37,12 @@ def is_api_request():
 API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/openapi.json")
 
 
+def too_many_sign_ins(seconds):
+    return error_response(429, "too_many_attempts",
+                          f"too many failed sign-ins; try again in {seconds} seconds",
+                          headers={"Retry-After": str(seconds)}, retry_after=seconds)
+
+
 def http_error_as_json(exc: HTTPException):
     return error_response(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
                           exc.description or exc.name)

@@ -15,7 +15,8 @@ def _json(schema, description="OK"):
 
 ERRORS = {status: _json(_ref("Error"), text) for status, text in {
     "400": "Malformed request", "401": "Missing, expired or forged token", "404": "Not found (or not yours)",
-    "409": "An answer is already being generated", "422": "A field is wrong; `field` names it",
+    "409": "An answer is already being generated",
+    "429": "Too many failed sign-ins: wait `Retry-After` seconds", "422": "A field is wrong; `field` names it",
     "502": "The LLM server failed", "503": "The LLM server cannot be reached", "504": "The LLM server was too slow",
 }.items()}
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": {"type": "integer"}}
@@ -84,7 +85,7 @@ SPEC = {
                     "grant_type": {"const": "password"}, "scope": {"type": "string"}}}}}},
             "responses": {"200": _json({"type": "object", "properties": {
                 "access_token": {"type": "string"}, "token_type": {"const": "bearer"},
-                "expires_in": {"type": "integer"}}}), **_errors("401", "422")}}},
+                "expires_in": {"type": "integer"}}}), **_errors("401", "422", "429")}}},
         "/chat/": {"post": {
             "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
             "requestBody": {"content": {"application/json": {"schema": _ref("ChatRequest")}}},

@@ -5,6 +5,7 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from flask_login import current_user, login_required, login_user, logout_user
 
 from .passwords import AccountError, authenticate, create_user, set_password
+from .throttle import sign_in_limits, wait_in_words
 
 bp = Blueprint("auth", __name__)
 
@@ -23,6 +24,7 @@ def safe_next(target):
 
 
 @bp.route("/login", methods=["GET", "POST"])
+@sign_in_limits
 def login():
     next_url = safe_next(request.values.get("next"))
     if current_user.is_authenticated:
@@ -34,9 +36,19 @@ def login():
             login_user(user, remember=bool(request.form.get("remember")))
             return redirect(next_url or url_for("web.index"))
         error = "Incorrect username or password."
+    return _login_page(error, next_url), (401 if error else 200)
+
+
+def _login_page(error, next_url):
     return render_template("login.html", error=error, next=next_url,
                            username=request.form.get("username", ""),
-                           allow_signup=current_app.config["ALLOW_SIGNUP"]), (401 if error else 200)
+                           allow_signup=current_app.config["ALLOW_SIGNUP"])
+
+
+def throttled_page(seconds):
+    """The sign-in page again, saying why it refuses and for how long; what was typed is kept."""
+    error = f"Too many failed sign-in attempts. Please wait {wait_in_words(seconds)} and try again."
+    return _login_page(error, safe_next(request.values.get("next"))), 429, {"Retry-After": str(seconds)}
 
 
 @bp.post("/logout")

@@ -1,0 +1,138 @@
+"""Failed sign-ins are throttled on both doors together; HTTPS and trusted proxies mark cookies Secure."""
+import re
+import time
+
+import pytest
+
+from conftest import PASSWORD, make_user
+from test_web_pages import csrf_of
+
+WRONG = "not-the-password"
+
+
+def api_login(client, username="alice", password=WRONG, **headers):
+    return client.post("/auth/login", data={"username": username, "password": password}, headers=headers)
+
+
+def page_login(client, username="alice", password=WRONG, **extra):
+    token = csrf_of(client)
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token, **extra})
+
+
+@pytest.fixture
+def limited(make_app):
+    """An app allowing 3 failures per address and username, 6 per address."""
+    app = make_app(LOGIN_LIMIT_PER_USER="3 per minute", LOGIN_LIMIT_PER_ADDRESS="6 per minute")
+    make_user(app)
+    make_user(app, "bob")
+    return app
+
+
+def test_guessing_one_password_is_refused_after_the_limit(limited):
+    client = limited.test_client()
+    assert [api_login(client).status_code for _ in range(3)] == [401, 401, 401]
+    refused = api_login(client)
+    assert refused.status_code == 429
+    error = refused.get_json()["error"]
+    assert error["code"] == "too_many_attempts"
+    assert 1 <= error["retry_after"] <= 61  # whole seconds, rounded up
+    assert refused.headers["Retry-After"] == str(error["retry_after"])
+    # While the window lasts even the right password is refused: that is what stops guessing.
+    assert api_login(client, password=PASSWORD).status_code == 429
+    # Another account from the same address is not locked by alice's failures.
+    assert api_login(client, "bob", PASSWORD).status_code == 200
+
+
+def test_successful_and_malformed_sign_ins_do_not_count(limited):
+    client = limited.test_client()
+    for _ in range(8):
+        assert api_login(client, password=PASSWORD).status_code == 200
+        assert client.post("/auth/login", data={"username": "alice"}).status_code == 422
+    assert [api_login(client).status_code for _ in range(4)] == [401, 401, 401, 429]
+
+
+def test_many_usernames_from_one_address_hit_the_address_limit(limited):
+    client = limited.test_client()
+    statuses = [api_login(client, f"user{n}").status_code for n in range(6)]
+    assert statuses == [401] * 6
+    assert api_login(client, "bob", PASSWORD).status_code == 429
+
+
+def test_page_and_api_share_the_count_and_the_page_says_how_long(limited):
+    client = limited.test_client()
+    assert api_login(client).status_code == 401
+    assert api_login(client).status_code == 401
+    assert page_login(client).status_code == 401
+    page = page_login(client, password=PASSWORD, next="/settings")
+    assert page.status_code == 429
+    html = page.get_data(as_text=True)
+    assert "Too many failed sign-in attempts" in html and "seconds" in html
+    assert 'value="alice"' in html and 'name="next" value="/settings"' in html  # what was typed is kept
+    assert 1 <= int(page.headers["Retry-After"]) <= 61
+    assert client.get("/settings").status_code == 302  # not signed in
+
+
+def test_the_limit_lifts_when_the_window_moves_on(make_app):
+    app = make_app(LOGIN_LIMIT_PER_USER="2 per 2 seconds")
+    make_user(app)
+    client = app.test_client()
+    assert [api_login(client).status_code for _ in range(3)] == [401, 401, 429]
+    time.sleep(2.2)
+    assert api_login(client, password=PASSWORD).status_code == 200
+
+
+def test_empty_limits_turn_throttling_off(make_app):
+    app = make_app(LOGIN_LIMIT_PER_USER="", LOGIN_LIMIT_PER_ADDRESS="")
+    make_user(app)
+    client = app.test_client()
+    assert {api_login(client).status_code for _ in range(25)} == {401}
+
+
+def test_forwarded_addresses_count_apart_only_behind_a_trusted_proxy(make_app):
+    trusting = make_app(LOGIN_LIMIT_PER_USER="2 per minute", TRUSTED_PROXIES=1)
+    make_user(trusting)
+    client = trusting.test_client()
+    first = {"X-Forwarded-For": "203.0.113.5"}
+    assert [api_login(client, **first).status_code for _ in range(3)] == [401, 401, 429]
+    assert api_login(client, password=PASSWORD, **{"X-Forwarded-For": "203.0.113.6"}).status_code == 200
+
+    # Without TRUSTED_PROXIES the header is anyone's to forge, so it must not reset the count.
+    direct = make_app(LOGIN_LIMIT_PER_USER="2 per minute")
+    client = direct.test_client()
+    assert [api_login(client, **first).status_code for _ in range(2)] == [401, 401]
+    assert api_login(client, password=PASSWORD, **{"X-Forwarded-For": "203.0.113.6"}).status_code == 429
+
+
+def _cookies_after_page_sign_in(client, base_url="http://localhost", **headers):
+    html = client.get("/login", base_url=base_url, headers=headers).get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    response = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token,
+                                           "remember": "1"}, headers=headers, base_url=base_url)
+    assert response.status_code == 302
+    cookies = response.headers.getlist("Set-Cookie")
+    assert {c.split("=")[0] for c in cookies} >= {"session", "remember_token"}
+    return cookies
+
+
+def _secure(cookie):
+    return "secure" in {part.strip().lower() for part in cookie.split(";")[1:]}
+
+
+def test_cookies_are_secure_over_https_and_not_over_http(app, user):
+    for cookie in _cookies_after_page_sign_in(app.test_client()):
+        assert not _secure(cookie)
+    # Over HTTPS, Flask-WTF also wants a same-origin Referer, as browsers send.
+    for cookie in _cookies_after_page_sign_in(app.test_client(), "https://localhost",
+                                              Referer="https://localhost/login"):
+        assert _secure(cookie) and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_forwarded_https_counts_only_from_a_trusted_proxy(make_app):
+    behind_proxy = make_app(TRUSTED_PROXIES=1)
+    make_user(behind_proxy)
+    forwarded = {"X-Forwarded-Proto": "https", "Referer": "https://localhost/login"}
+    for cookie in _cookies_after_page_sign_in(behind_proxy.test_client(), **forwarded):
+        assert _secure(cookie)
+    direct = make_app()
+    for cookie in _cookies_after_page_sign_in(direct.test_client(), **forwarded):
+        assert not _secure(cookie)
