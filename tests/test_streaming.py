@@ -192,6 +192,9 @@ def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app
     time.sleep(0.3)  # let a flush reach the database
     doomed.kill()
     time.sleep(2.0)  # past STALE_AFTER_SECONDS (1.5 s)
+    single = requests.get(f"{survivor.url}/conversations/{start['conversation_id']}/messages/"
+                          f"{start['message_id']}", headers=auth, timeout=10).json()
+    assert single["status"] == "interrupted"  # whichever read comes first finds the orphan
     listed = requests.get(f"{survivor.url}/conversations", headers=auth, timeout=10).json()["conversations"]
     assert listed[0]["id"] == start["conversation_id"] and listed[0]["generating"] is False
     conversation = requests.get(f"{survivor.url}/conversations/{start['conversation_id']}", headers=auth,

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, make_user
+from conftest import PASSWORD, both_databases, make_user
 from test_web_pages import csrf_of
 
 WRONG = "not-the-password"
@@ -136,3 +136,32 @@ def test_forwarded_https_counts_only_from_a_trusted_proxy(make_app):
     direct = make_app()
     for cookie in _cookies_after_page_sign_in(direct.test_client(), **forwarded):
         assert not _secure(cookie)
+
+
+@both_databases
+def test_counts_are_shared_by_every_process_and_survive_a_restart(make_app):
+    """The counters live in the database, so a second app (another worker, replica or a restart)
+    sees the first one's failures; per-process memory would start again from zero."""
+    first = make_app(LOGIN_LIMIT_PER_USER="3 per minute")
+    make_user(first)
+    assert [api_login(first.test_client()).status_code for _ in range(3)] == [401, 401, 401]
+    second = make_app(LOGIN_LIMIT_PER_USER="3 per minute")
+    assert api_login(second.test_client(), password=PASSWORD).status_code == 429
+
+
+@both_databases
+def test_stored_hits_hide_who_was_tried_and_expire(make_app):
+    from sqlalchemy import func, select
+
+    from webapp.extensions import db
+    from webapp.models import RateLimitHit
+    app = make_app(LOGIN_LIMIT_PER_USER="5 per 1 second", LOGIN_LIMIT_PER_ADDRESS="")
+    client = app.test_client()
+    api_login(client, "mallory-target")
+    with app.app_context():
+        keys = db.session.scalars(select(RateLimitHit.key)).all()
+    assert len(keys) == 1 and "mallory" not in keys[0] and len(keys[0]) == 64  # a digest, not the name
+    time.sleep(1.1)
+    api_login(client, "someone-else")  # each new hit sweeps the expired ones
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(RateLimitHit)) == 1

@@ -208,6 +208,8 @@ def get_message(user, message_id):
             Message.id == int(message_id), Conversation.user_id == user.id))
     if message is None:
         raise ChatError(404, "not_found", "message not found", "message_id")
+    if reap_message_if_stale(message):  # orphaned by a dead worker: say so, not "streaming"
+        db.session.refresh(message)
     return message
 
 

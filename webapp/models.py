@@ -2,7 +2,7 @@
 from datetime import datetime, timezone
 
 from flask_login import UserMixin
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, BigInteger, String, Text
+from sqlalchemy import BigInteger, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -169,3 +169,16 @@ def usage_dict(message):
 
 def _ms(nanoseconds):
     return round(nanoseconds / 1e6, 1) if nanoseconds is not None else None
+
+
+class RateLimitHit(db.Model):
+    """One counted event (a failed sign-in) for the sign-in limits. Kept in the app's own database so
+    every worker and replica counts together with no extra service; rows expire with their window."""
+    __tablename__ = "rate_limit_hits"
+    __table_args__ = (Index("ix_rate_limit_hits_key_at", "key", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # SHA-256 of the limiter's key, which holds a client address and a typed username.
+    key: Mapped[str] = mapped_column(String(64))
+    at: Mapped[float] = mapped_column(Double)  # Unix time, as the `limits` library counts
+    expires_at: Mapped[float] = mapped_column(Double, index=True)

@@ -7,8 +7,9 @@ Flask-Limiter (over the `limits` library) keeps the counters. Two limits apply t
 Only failures count (`deduct_when`), so people who sign in often are never slowed down. Once a limit
 is reached, even the right password is refused until the window moves on; that is what stops guessing.
 
-The counters live in RATELIMIT_STORAGE_URI: `memory://` (the default) counts per worker process;
-point every replica at one shared store (e.g. `redis://host:6379`) to count across all of them.
+The counters live in RATELIMIT_STORAGE_URI: `database://` (the default) keeps them in the app's own
+database, so every worker and replica counts together (see limit_store.py); `memory://` counts per
+worker process; `redis://host:6379` works too.
 """
 import math
 import time
@@ -16,6 +17,8 @@ import time
 from flask import current_app, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
+
+from . import limit_store  # noqa: F401  (registers the database:// storage with `limits`)
 
 limiter = Limiter(key_func=lambda: request.remote_addr or "-", strategy="moving-window")
 
