@@ -48,6 +48,8 @@ def page(chromium, server):
     page.base = server.url
     yield page
     context.close()
+    # Every file a page asks for exists (stylesheets, scripts, the icon browsers fetch by themselves).
+    assert not [m for m in page.console if "404" in m], page.console
 
 
 def sign_in(page, username="alice", password=PASSWORD, screenshot=None):
@@ -97,6 +99,9 @@ def test_chat_streams_in_steps_and_survives_reload(page, ollama):
     expect(answer.locator("pre code .nb")).to_have_text("print")  # highlighted on the server
     expect(answer.locator(".stats")).to_contain_text("tok/s")
     expect(page.locator("#send")).to_be_enabled()
+    entry = page.locator("#conversation-list li.conversation-item").first
+    expect(entry).to_contain_text("2 msg")  # the sidebar caught up without a reload
+    expect(entry).not_to_contain_text("answering")
     expect(page.locator(".llm-status")).to_contain_text("Model server online")
     shoot(page, "chat-desktop-light")
     page.emulate_media(color_scheme="dark")
@@ -146,6 +151,18 @@ def test_rename_search_delete_and_sign_out(page, ollama):
     ask(page, "about volcanoes")
     expect(page.locator("#conversation-list li.conversation-item")).to_have_count(2)
     expect(last_answer(page).locator(".stats")).to_be_visible()
+    # Another turn in the older chat moves it to the top of the sidebar, no reload needed.
+    items = page.locator("#conversation-list li.conversation-item")
+    page.locator("#conversation-list a", has_text="about penguins").click()
+    expect(page.get_by_label("Conversation title")).to_have_value("about penguins")
+    expect(items.first).to_contain_text("about volcanoes")
+    ask(page, "and their eggs?")
+    expect(items.first).to_contain_text("about penguins")
+    expect(items.first).to_contain_text("4 msg")
+    expect(items).to_have_count(2)
+    expect(page.locator("#messages template")).to_have_count(0)  # the sidebar update left no trace
+    page.locator("#conversation-list a", has_text="about volcanoes").click()
+    expect(page.get_by_label("Conversation title")).to_have_value("about volcanoes")
     page.get_by_label("Conversation title").fill("Fire mountains")
     page.get_by_role("button", name="Rename").click()
     expect(page.locator("#conversation-list")).to_contain_text("Fire mountains")

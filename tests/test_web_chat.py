@@ -76,9 +76,31 @@ def test_reload_mid_answer_shows_the_partial_text_and_reconnects(browser, ollama
     assert 'id="send" class="primary" disabled' in page  # one turn at a time
     url = stream_url(page)
     events = read_sse(browser, url)  # a reconnect replays from the start
-    assert "first part." in json.loads(events[0][1])["html"]
+    first_text = next(data for name, data in events if name == "html")
+    assert "first part." in json.loads(first_text)["html"]
     assert events[-1][0] == "done"
     assert "data-stream-url" not in browser.get(f"/c/{conversation_id}").get_data(as_text=True)
+
+
+def test_the_stream_keeps_the_sidebar_entry_current(browser, ollama):
+    """The entry says "answering…" while the answer streams and loses it at the end, with the new
+    message count, so the sidebar never shows a stale state without a reload."""
+    ollama.script(chunks=["a ", "b "], delay=0.1)
+    first = conversation_of(send(browser, "first chat"))
+    read_sse(browser, f"/c/{first}/m/2/events")
+    second = conversation_of(send(browser, "second chat"))
+    read_sse(browser, f"/c/{second}/m/4/events")
+    ollama.script(chunks=["c "] * 5, delay=0.1)
+    turn = send(browser, "again", first, **htmx(browser)).get_data(as_text=True)
+    # The turn's own answer carries the entry too: a fast answer may be complete before any stream.
+    assert re.search(rf'<template class="sidebar-item">\s*<li id="conv-{first}" class="conversation-item current">', turn)
+    events = read_sse(browser, f"/c/{first}/m/6/events")
+    opening, final = json.loads(events[0][1])["html"], json.loads(events[-1][1])["item"]
+    assert events[0][0] == "item" and events[-1][0] == "done"
+    for html in (opening, final):
+        assert f'id="conv-{first}" class="conversation-item current"' in html and "first chat" in html
+    assert "answering…" in opening and "answering…" not in final
+    assert "4 msg" in final
 
 
 def test_stream_of_a_deleted_conversation_says_gone(browser, ollama):

@@ -70,6 +70,22 @@
     return template.content.firstElementChild;
   }
 
+  // The answer's sidebar entry, fresh from the server ("answering…", message count): it replaces the
+  // old entry and goes to the top, as the newest conversation. A filtered list (search) only gets
+  // it if it was already showing it.
+  function placeItem(html) {
+    var list = byId("conversation-list");
+    var item = html && fragment(html);
+    if (!list || !item) { return; }
+    var old = byId(item.id);
+    var search = document.querySelector("#sidebar input[type=search]");
+    if (!old && search && search.value.trim()) { return; }
+    if (old) { old.remove(); }
+    var empty = list.querySelector(".empty-list");
+    if (empty) { empty.remove(); }
+    list.insertBefore(item, list.firstElementChild);
+  }
+
   // Call after the article left the streaming state (replaced, removed, or marked failed).
   function finish(article, source) {
     source.close();
@@ -95,9 +111,13 @@
       addCopyButtons(article);
       if (stick) { toBottom(); }
     });
+    source.addEventListener("item", function (event) {
+      placeItem(JSON.parse(event.data).html);
+    });
     source.addEventListener("done", function (event) {
       var stick = nearBottom();
       var data = JSON.parse(event.data);
+      placeItem(data.item);
       var fresh = fragment(data.html);
       article.replaceWith(fresh);
       finish(article, source);
@@ -127,6 +147,11 @@
   }
 
   function activate(root) {
+    if (root.matches && root.matches("template.sidebar-item")) {
+      placeItem(root.innerHTML);
+      root.remove();
+      return;
+    }
     if (root.matches && root.matches("article.message[data-stream-url]")) { follow(root); }
     root.querySelectorAll("article.message[data-stream-url]").forEach(follow);
     addCopyButtons(root);

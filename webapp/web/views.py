@@ -12,7 +12,8 @@ from flask_wtf.csrf import CSRFError
 
 from .. import chat, llm, sse
 from ..markdown import render as render_markdown
-from ..models import ACTIVE_STATUSES, usage_dict
+from ..extensions import db
+from ..models import ACTIVE_STATUSES, Conversation, usage_dict
 from . import bp
 from .errors import csrf_failure, not_found_page
 
@@ -184,7 +185,8 @@ def send(conversation_id):
     if not is_htmx():
         return redirect(url_for("web.conversation", conversation_id=conversation_id))
     return render_template("_turn.html", user_message=chat.get_message(user(), turn.user_message_id),
-                           answer=chat.get_message(user(), turn.message_id))
+                           answer=chat.get_message(user(), turn.message_id),
+                           conversation=chat.get_conversation(user(), conversation_id))
 
 
 def turn_error(conversation_id, exc, draft):
@@ -234,14 +236,25 @@ def events(conversation_id, message_id):
     message = owned(chat.get_message, user(), message_id)
     if message.conversation_id != conversation_id:
         abort(404)
-    return sse.response(answer_frames(message_id))
+    return sse.response(answer_frames(message_id, conversation_id))
 
 
-def answer_frames(message_id):
+def sidebar_item(conversation_id):
+    """The conversation's sidebar entry as it is now ("answering…", message count), or "" if gone."""
+    conversation = db.session.get(Conversation, conversation_id)
+    html = "" if conversation is None else render_template("_conversation_item.html", item=conversation,
+                                                           current_id=conversation_id)
+    db.session.rollback()  # release the connection: the stream may stay open for minutes
+    return html
+
+
+def answer_frames(message_id, conversation_id):
     """Render the whole answer so far on a token, unless the last render was under RENDER_INTERVAL
     ago (markdown must be re-rendered whole: a later token can close an open code fence). The final
     `done` frame always carries the complete text, so a skipped snapshot is never lost."""
     text, rendered, last_render = "", "", 0.0
+    # The sidebar entry says "answering…" now and loses it at the end, without a reload.
+    yield sse.event("item", {"html": sidebar_item(conversation_id)})
     for kind, value in chat.follow(message_id):
         if kind == "token":
             text += value
@@ -253,7 +266,7 @@ def answer_frames(message_id):
             yield sse.PING  # lets the server notice a reader that went away
         elif kind == "done":
             html = render_template("_message.html", message=value, last=True)
-            yield sse.event("done", {"html": html, "status": value.status})
+            yield sse.event("done", {"html": html, "status": value.status, "item": sidebar_item(conversation_id)})
             return
     # follow() ends without "done" only if the conversation was deleted meanwhile
     yield sse.event("gone", {"html": ""})
