@@ -70,3 +70,12 @@ def test_request_id_is_echoed_or_made(client):
     assert len(made) == 32
     hostile = client.get("/health", headers={"X-Request-ID": "bad id with spaces <script>"}).headers["X-Request-ID"]
     assert hostile != "bad id with spaces <script>"
+
+
+def test_wrong_method_says_which_are_allowed(client):
+    response = client.put("/conversations")
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) >= {"GET", "POST"}
+    assert response.get_json()["error"]["code"] == "method_not_allowed"
+    page = client.put("/login")
+    assert page.status_code == 405 and "POST" in page.headers["Allow"]

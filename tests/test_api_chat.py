@@ -160,3 +160,22 @@ def test_log_lines_carry_the_request_id(client, auth, ollama):
     llm_lines = [line for line in lines if line[2].startswith("llm call")]
     assert llm_lines and llm_lines[0][1] == "req-42"
     assert "model=tinyllama outcome=complete" in llm_lines[0][2] and "completion_tokens=" in llm_lines[0][2]
+
+
+def test_nul_characters_never_lose_a_prompt_or_an_answer(app, client, auth, ollama):
+    """PostgreSQL refuses U+0000 in text; the prompt, the title and the model's answer are kept with
+    U+FFFD in its place (the same on SQLite), instead of a 500 and a lost turn."""
+    ollama.script(chunks=["half\x00", "way"])
+    response = client.post("/chat/", json={"prompt": "nul\x00here"}, headers=auth)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["status"] == "complete"
+    assert messages_of(app, body["conversation_id"]) == [
+        ("user", "complete", "nul\ufffdhere", None), ("assistant", "complete", "half\ufffdway", None)]
+    listed = client.get("/conversations", headers=auth).get_json()["conversations"]
+    assert listed[0]["title"] == "nul\ufffdhere"
+    renamed = client.patch(f"/conversations/{body['conversation_id']}", json={"title": "a\x00b"}, headers=auth)
+    assert renamed.status_code == 200 and renamed.get_json()["title"] == "a\ufffdb"
+    assert client.get("/conversations?q=a%00b", headers=auth).status_code == 200
+    login = client.post("/auth/login", data={"username": "ali\x00ce", "password": "whatever-it-is"})
+    assert login.status_code == 401

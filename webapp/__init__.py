@@ -2,7 +2,7 @@
 import logging
 import sys
 
-from flask import Flask, request
+from flask import Flask, make_response, request
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
@@ -94,7 +94,11 @@ def _register_error_handlers(app):
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        return http_error_as_json(exc) if is_api_request() else http_error_page(exc)
+        response = make_response(http_error_as_json(exc) if is_api_request() else http_error_page(exc))
+        for name, value in exc.get_headers():  # e.g. Allow on 405, as RFC 9110 asks
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(exc):

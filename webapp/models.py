@@ -30,6 +30,25 @@ class UTCDateTime(db.TypeDecorator):
         return value
 
 
+class _NoNul:
+    """PostgreSQL text cannot hold NUL (U+0000) and refuses the whole statement; SQLite stores it. A
+    NUL in a prompt, a typed username or a model's output must not lose the row (or answer with a
+    500), so it becomes U+FFFD, the replacement character, the same on both databases."""
+
+    def process_bind_param(self, value, dialect):
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+class SafeString(_NoNul, db.TypeDecorator):
+    impl = String
+    cache_ok = True
+
+
+class SafeText(_NoNul, db.TypeDecorator):
+    impl = Text
+    cache_ok = True
+
+
 # Message lifecycle. "interrupted" = the worker generating it died; its partial text is kept.
 PENDING, STREAMING, COMPLETE, ERROR, CANCELLED, INTERRUPTED = (
     "pending", "streaming", "complete", "error", "cancelled", "interrupted")
@@ -42,7 +61,7 @@ class User(UserMixin, db.Model):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Stored lower-cased, which makes the unique constraint case-insensitive on every database.
-    username: Mapped[str] = mapped_column(String(64), unique=True)
+    username: Mapped[str] = mapped_column(SafeString(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(256))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -74,9 +93,9 @@ class Conversation(db.Model):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    title: Mapped[str] = mapped_column(String(200), default="New chat")
-    model: Mapped[str] = mapped_column(String(200))
-    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    title: Mapped[str] = mapped_column(SafeString(200), default="New chat")
+    model: Mapped[str] = mapped_column(SafeString(200))
+    system_prompt: Mapped[str] = mapped_column(SafeText, default="")
     # Kept up to date by the chat service so lists need no COUNT over long chats.
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     # The assistant message being generated right now, if any: one turn at a time per conversation.
@@ -107,14 +126,14 @@ class Message(db.Model):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
-    role: Mapped[str] = mapped_column(String(16))
-    content: Mapped[str] = mapped_column(Text, default="")
-    status: Mapped[str] = mapped_column(String(16), default=COMPLETE)
-    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    done_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    role: Mapped[str] = mapped_column(SafeString(16))
+    content: Mapped[str] = mapped_column(SafeText, default="")
+    status: Mapped[str] = mapped_column(SafeString(16), default=COMPLETE)
+    error_code: Mapped[str | None] = mapped_column(SafeString(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(SafeText, nullable=True)
+    model: Mapped[str | None] = mapped_column(SafeString(200), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(SafeString(128), nullable=True)
+    done_reason: Mapped[str | None] = mapped_column(SafeString(32), nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Nanoseconds, as Ollama reports them.

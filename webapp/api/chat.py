@@ -27,8 +27,10 @@ def parse_options(raw):
         if name not in OPTION_RULES:
             raise chat.ChatError(422, "invalid_field", f"unknown option '{name}'", f"options.{name}")
         kind, low, high = OPTION_RULES[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise chat.ChatError(422, "invalid_field", f"options.{name} must be a number", f"options.{name}")
+        if kind is int and not float(value).is_integer():  # 4096.0 is an integer in JSON, as in JSON Schema
+            raise chat.ChatError(422, "invalid_field", f"options.{name} must be an integer", f"options.{name}")
         if not low <= value <= high:
             raise chat.ChatError(422, "invalid_field", f"options.{name} must be between {low} and {high}",
                                  f"options.{name}")

@@ -29,9 +29,10 @@ def list_conversations():
 @token_required
 def create_conversation():
     data = json_body() if request.content_length else {}
-    title = chat.clean_text_field(data.get("title") or "New chat", "title", 200)
-    model = chat.clean_text_field(data["model"], "model", 200, False) if data.get("model") is not None else None
-    system_prompt = chat.clean_text_field(data.get("system_prompt") or "", "system_prompt", 8000)
+    # A field that is sent must be a string; only a missing one takes the default.
+    title = chat.clean_text_field(data["title"], "title", 200) if "title" in data else ""
+    model = chat.clean_text_field(data["model"], "model", 200, False) if "model" in data else None
+    system_prompt = chat.clean_text_field(data.get("system_prompt", ""), "system_prompt", 8000)
     conversation = chat.create_conversation(g.api_user, title, model, system_prompt)
     return jsonify(conversation.to_dict()), 201
 
@@ -50,6 +51,9 @@ def get_conversation(conversation_id):
 @token_required
 def update_conversation(conversation_id):
     data = json_body()
+    for name in ("title", "model", "system_prompt"):
+        if name in data and not isinstance(data[name], str):  # null is not "leave it alone": say so
+            raise chat.ChatError(422, "invalid_field", f"{name} must be a string", name)
     conversation = chat.update_conversation(g.api_user, conversation_id, title=data.get("title"),
                                             model=data.get("model"), system_prompt=data.get("system_prompt"))
     return jsonify(conversation.to_dict())

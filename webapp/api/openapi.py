@@ -14,15 +14,21 @@ def _json(schema, description="OK"):
 
 
 ERRORS = {status: _json(_ref("Error"), text) for status, text in {
-    "400": "Malformed request", "401": "Missing, expired or forged token", "404": "Not found (or not yours)",
+    "400": "Malformed JSON or query parameter", "401": "Missing, expired or forged token", "404": "Not found (or not yours)",
     "409": "An answer is already being generated",
+    "415": "The body is not `Content-Type: application/json`",
     "429": "Too many failed sign-ins: wait `Retry-After` seconds", "422": "A field is wrong; `field` names it",
     "502": "The LLM server failed", "503": "The LLM server cannot be reached", "504": "The LLM server was too slow",
 }.items()}
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": {"type": "integer"}}
 MESSAGE_ID = {"name": "message_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+# At least one character that is not white space (as Python's str.strip() sees it: \s plus \x1c-\x1f, \x85).
+NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
+# Each event: `event:` names it, `data:` is one line of JSON (the schema describes one event).
 SSE = {"description": "Server-Sent Events: `start`, `token`… then `done` or `error` (data is JSON)",
-       "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+       "content": {"text/event-stream": {"schema": {"type": "object", "required": ["event", "data"], "properties": {
+           "event": {"enum": ["start", "token", "done", "error"]},
+           "data": {"type": "string", "contentMediaType": "application/json"}}}}}}
 
 
 def _errors(*codes):
@@ -40,16 +46,17 @@ SPEC = {
         "schemas": {
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"},
-                "field": {"type": "string"}}, "required": ["code", "message", "request_id"]}}},
+                "field": {"type": "string"}, "retry_after": {"type": "integer"}},
+                "required": ["code", "message", "request_id"]}}},
             "Options": {"type": "object", "additionalProperties": False, "properties": {
                 "temperature": {"type": "number", "minimum": 0, "maximum": 2},
                 "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-                "seed": {"type": "integer", "minimum": 0},
+                "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                 "num_predict": {"type": "integer", "minimum": 1, "maximum": 16384},
                 "num_ctx": {"type": "integer", "minimum": 256, "maximum": 262144}}},
             "ChatRequest": {"type": "object", "required": ["prompt"], "properties": {
-                "prompt": {"type": "string", "minLength": 1}, "conversation_id": {"type": "integer"},
-                "model": {"type": "string"}, "stream": {"type": "boolean", "default": False},
+                "prompt": {"type": "string", "pattern": NOT_BLANK}, "conversation_id": {"type": "integer"},
+                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200}, "stream": {"type": "boolean", "default": False},
                 "options": _ref("Options")}},
             "Usage": {"type": "object", "properties": {name: {"type": ["number", "null"]} for name in (
                 "prompt_tokens", "completion_tokens", "total_tokens", "total_duration_ms", "load_duration_ms",
@@ -72,7 +79,9 @@ SPEC = {
                 "generating": {"type": "boolean"}, "created_at": {"type": "string", "format": "date-time"},
                 "updated_at": {"type": "string", "format": "date-time"}}},
             "ConversationChange": {"type": "object", "properties": {
-                "title": {"type": "string"}, "model": {"type": "string"}, "system_prompt": {"type": "string"}}},
+                "title": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
+                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
+                "system_prompt": {"type": "string", "maxLength": 8000}}},
         },
     },
     "security": [{"bearer": []}],
@@ -85,35 +94,38 @@ SPEC = {
                     "grant_type": {"const": "password"}, "scope": {"type": "string"}}}}}},
             "responses": {"200": _json({"type": "object", "properties": {
                 "access_token": {"type": "string"}, "token_type": {"const": "bearer"},
-                "expires_in": {"type": "integer"}}}), **_errors("401", "422", "429")}}},
+                "expires_in": {"type": "integer"}}}), **_errors("400", "401", "422", "429")}}},
         "/chat/": {"post": {
             "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
-            "requestBody": {"content": {"application/json": {"schema": _ref("ChatRequest")}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
             "responses": {"200": {**_json(_ref("TurnResult")), "content": {
                 "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
-                **_errors("400", "401", "404", "409", "422", "502", "503", "504")}}},
+                **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
         "/conversations": {
             "get": {"summary": "Your conversations, newest first", "parameters": [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                 "description": "opaque: the `next_cursor` of the previous page (anything else is a 400)"},
                 {"name": "q", "in": "query", "schema": {"type": "string"}}],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "conversations": {"type": "array", "items": _ref("Conversation")},
                     "next_cursor": {"type": ["string", "null"]}}}), **_errors("400", "401")}},
             "post": {"summary": "Create a conversation",
                      "requestBody": {"content": {"application/json": {"schema": _ref("ConversationChange")}}},
-                     "responses": {"201": _json(_ref("Conversation"), "Created"), **_errors("401", "422")}}},
+                     "responses": {"201": _json(_ref("Conversation"), "Created"),
+                                   **_errors("400", "401", "415", "422")}}},
         "/conversations/{conversation_id}": {
             "parameters": [CONVERSATION_ID],
             "get": {"summary": "A conversation with its newest page of messages", "parameters": [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-                {"name": "before", "in": "query", "schema": {"type": "integer"}}],
+                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}}],
                 "responses": {"200": _json({"allOf": [_ref("Conversation"), {"type": "object", "properties": {
                     "messages": {"type": "array", "items": _ref("Message")},
-                    "older_cursor": {"type": ["integer", "null"]}}}]}), **_errors("401", "404")}},
+                    "older_cursor": {"type": ["integer", "null"]}}}]}), **_errors("400", "401", "404")}},
             "patch": {"summary": "Change title, model or system prompt",
-                      "requestBody": {"content": {"application/json": {"schema": _ref("ConversationChange")}}},
-                      "responses": {"200": _json(_ref("Conversation")), **_errors("401", "404", "422")}},
+                      "requestBody": {"required": True,
+                                      "content": {"application/json": {"schema": _ref("ConversationChange")}}},
+                      "responses": {"200": _json(_ref("Conversation")), **_errors("400", "401", "404", "415", "422")}},
             "delete": {"summary": "Delete it and its messages",
                        "responses": {"204": {"description": "Deleted"}, **_errors("401", "404")}}},
         "/conversations/{conversation_id}/stop": {"parameters": [CONVERSATION_ID], "post": {
