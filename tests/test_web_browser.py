@@ -1,5 +1,6 @@
 """The chat page's own JavaScript in real headless Chromium: infinite scroll in the sidebar, Retry
-swapped in place, keyboard use of the phone sidebar. (The main end-to-end flows are in test_browser.py.)"""
+swapped in place, keyboard use of the phone sidebar, drafts kept per chat. (The main end-to-end flows
+are in test_browser.py.)"""
 import pytest
 from playwright.sync_api import expect
 
@@ -68,3 +69,33 @@ def test_stale_csrf_token_is_explained_and_the_text_kept(page, ollama):
     expect(page.locator("#composer-error")).to_contain_text("expired")
     expect(page.locator("#prompt")).to_have_value("please keep me")
     expect(page.locator("#send")).to_be_enabled()
+    page.reload()  # the reload the message asks for keeps the text too (a fresh token, the draft kept)
+    expect(page.locator("#prompt")).to_have_value("please keep me")
+    page.locator("#prompt").press("Enter")
+    page.wait_for_url("**/c/*")
+    expect(page.locator("article.message.user").last).to_contain_text("please keep me")
+
+
+def test_drafts_survive_a_reload_until_sent_and_stay_with_their_chat(page, ollama):
+    sign_in(page)
+    page.wait_for_selector("html[data-js-ready]", state="attached")
+    prompt = page.locator("#prompt")
+    prompt.fill("a long question I have not finished")
+    page.reload()
+    expect(prompt).to_have_value("a long question I have not finished")
+    prompt.press("Enter")
+    page.wait_for_url("**/c/*")
+    expect(last_answer(page).locator(".stats")).to_be_visible()
+    expect(prompt).to_have_value("")
+    prompt.fill("a follow-up for this chat only")
+    page.locator("a.new-chat").click()
+    page.wait_for_url("**/?new=1")
+    expect(prompt).to_have_value("")  # the other chat's draft stays with that chat
+    page.locator("#conversation-list a").first.click()
+    page.wait_for_url("**/c/*")
+    expect(prompt).to_have_value("a follow-up for this chat only")
+    prompt.press("Enter")
+    expect(page.locator("article.message.user").last).to_contain_text("a follow-up for this chat only")
+    expect(last_answer(page).locator(".stats")).to_be_visible()
+    page.reload()
+    expect(prompt).to_have_value("")  # sent: the draft is gone

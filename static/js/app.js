@@ -226,19 +226,63 @@
     if (window.htmx && event.target.classList.contains("search-form")) { event.preventDefault(); }
   });
 
+  // Drafts: what is typed in the composer is kept in this browser per conversation (and for a new
+  // chat) until it is sent, so a reload, a crash or a wander to another chat loses nothing.
+  function draftKey(form) {
+    return "draft:" + (form.getAttribute("action") || location.pathname);
+  }
+
+  function storage() {
+    try { return window.localStorage; } catch (e) { return null; }  // private modes may refuse it
+  }
+
+  function restoreDraft() {
+    var prompt = byId("prompt"), store = storage();
+    if (!prompt || !store) { return; }
+    var saved = store.getItem(draftKey(prompt.form));
+    if (saved && !prompt.value) { prompt.value = saved; }
+  }
+
+  document.addEventListener("input", function (event) {
+    var store = storage();
+    if (event.target.id !== "prompt" || !store) { return; }
+    var key = draftKey(event.target.form);
+    try {
+      if (event.target.value) { store.setItem(key, event.target.value); } else { store.removeItem(key); }
+    } catch (e) { /* storage full: the draft is simply not kept */ }
+  });
+
+  // Sending drops the draft at once (a new chat's answer is a redirect, after which this page's
+  // handlers never run); a send that fails puts it back, since the text is still in the box.
+  function forgetDraft(form) {
+    var store = storage();
+    if (store) { store.removeItem(draftKey(form)); }
+  }
+
+  function keepDraft(form) {
+    var store = storage(), prompt = form.querySelector("#prompt");
+    if (!store || !prompt || !prompt.value) { return; }
+    try { store.setItem(draftKey(form), prompt.value); } catch (e) { /* storage full */ }
+  }
+
   document.addEventListener("htmx:beforeRequest", function (event) {
     if (event.detail.elt && event.detail.elt.id === "composer") {
       setBusy(true);  // no double send while the POST is on its way
       composerError("");
+      forgetDraft(event.detail.elt);
     }
   });
 
   document.addEventListener("htmx:afterRequest", function (event) {
     var form = event.detail.elt;
     if (!form || form.id !== "composer") { return; }
+    var xhr = event.detail.xhr;
+    // A new chat answers with HX-Redirect: the page is going away (htmx leaves `successful` unset).
+    if (xhr && xhr.status < 400 && xhr.getResponseHeader("HX-Redirect")) { return; }
     var failed = !event.detail.successful || (event.detail.target && event.detail.target.id === "composer-error");
     if (failed) {
       setBusy(anyStreaming());  // the text stays in the box for another try
+      keepDraft(form);
       return;
     }
     form.querySelector("#prompt").value = "";
@@ -262,6 +306,7 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     activate(document);
+    restoreDraft();
     toBottom();
     if (window.htmx) { window.htmx.onLoad(function (elt) { activate(elt); }); }
     document.documentElement.setAttribute("data-js-ready", "");  // for tests: handlers are in place
