@@ -164,24 +164,36 @@ def decode_cursor(cursor):
 
 def list_conversations(user, limit=20, cursor=None, query=None):
     """Newest first, keyset-paginated on (updated_at, id) so page 500 costs what page 1 does."""
-    stmt = select(Conversation).where(Conversation.user_id == user.id)
-    if cursor:
-        stamp, last_id = decode_cursor(cursor)
-        stmt = stmt.where(or_(Conversation.updated_at < stamp,
-                              and_(Conversation.updated_at == stamp, Conversation.id < last_id)))
-    if query:
-        pattern = f"%{_escape_like(query.strip())}%"
-        stmt = stmt.where(or_(Conversation.title.ilike(pattern, escape="\\"),
-                              exists().where(Message.conversation_id == Conversation.id,
-                                             Message.content.ilike(pattern, escape="\\"))))
-    rows = db.session.scalars(stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-                              .limit(limit + 1)).all()
+    stmt = conversations_query(user.id, cursor, query)
+    rows = db.session.scalars(stmt.limit(limit + 1)).all()
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
     for conversation in page:
         if conversation.active_message_id:  # rare: only chats answering right now, or orphaned by a crash
             reap_if_stale(conversation)
     return page, next_cursor
+
+
+def conversations_query(user_id, cursor=None, query=None):
+    stmt = select(Conversation).where(Conversation.user_id == user_id)
+    if cursor:
+        stamp, last_id = decode_cursor(cursor)
+        stmt = stmt.where(or_(Conversation.updated_at < stamp,
+                              and_(Conversation.updated_at == stamp, Conversation.id < last_id)))
+    if query:
+        title_matches, message_matches = search_conditions(query)
+        stmt = stmt.where(or_(title_matches, exists().where(Message.conversation_id == Conversation.id,
+                                                            *message_matches)))
+    return stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+
+
+def search_conditions(query):
+    """Case-insensitive substring match on titles and on finished messages. Finished only: that is
+    what PostgreSQL's partial trigram index holds (migration 0003); a streaming answer is found once
+    it ends."""
+    pattern = f"%{_escape_like(query.strip())}%"
+    return (Conversation.title.ilike(pattern, escape="\\"),
+            (Message.status.in_(FINAL_STATUSES), Message.content.ilike(pattern, escape="\\")))
 
 
 def _escape_like(text):

@@ -1,0 +1,93 @@
+"""How long does the sidebar search take for a user with a big history?
+
+Search matches conversation titles and message text (case-insensitive substring, like the search
+boxes of the chat UIs people know). This seeds one user with CONVERSATIONS chats of MESSAGES
+messages each (~400 characters per message) on a real database and times chat.list_conversations()
+for a word that is rare, one that is everywhere, and one that is nowhere (on PostgreSQL also
+without the trigram indexes of migration 0003, for comparison).
+
+    .venv/bin/python bench/bench_search.py [DATABASE_URL] [CONVERSATIONS] [MESSAGES]
+"""
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("SECRET_KEY", "bench-secret-key-long-enough-0123456789abcdef")
+
+from flask_migrate import upgrade  # noqa: E402
+from sqlalchemy import insert, text  # noqa: E402
+
+from webapp import create_app  # noqa: E402
+from webapp.chat import list_conversations  # noqa: E402
+from webapp.extensions import db  # noqa: E402
+from webapp.models import Conversation, Message, User  # noqa: E402
+
+WORDS = ("model answer context token stream python database question reply system prompt window "
+         "cluster replica worker thread socket").split()
+
+
+def seed(user, conversations, messages):
+    rng = random.Random(7)
+    for n in range(conversations):
+        conversation = Conversation(user_id=user.id, title=f"chat {n} about {rng.choice(WORDS)}", model="m")
+        db.session.add(conversation)
+        db.session.flush()
+        rows = [{"conversation_id": conversation.id, "role": "user" if m % 2 == 0 else "assistant",
+                 "content": " ".join(rng.choice(WORDS) for _ in range(55)), "status": "complete"}
+                for m in range(messages)]
+        if n % 100 == 0:
+            rows[-1]["content"] += " zebra"  # the rare word: in 1% of the chats
+        db.session.execute(insert(Message), rows)
+        if n % 200 == 0:
+            db.session.commit()
+    db.session.commit()
+    if db.engine.dialect.name == "postgresql":
+        db.session.execute(text("ANALYZE"))
+        db.session.commit()
+
+
+def timed(user, query, runs=20):
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        page, _ = list_conversations(user, limit=30, query=query)
+        samples.append((time.perf_counter() - started) * 1000)
+        db.session.rollback()
+    return len(page), statistics.median(samples), sorted(samples)[int(runs * 0.95)]
+
+
+def main():
+    url = sys.argv[1] if len(sys.argv) > 1 else "sqlite:////tmp/bench-search.db"
+    conversations = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+    messages = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    if url.startswith("sqlite:////") and os.path.exists(url[10:]):
+        os.remove(url[10:])
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+    with app.app_context():
+        upgrade()
+        user = User(username=f"bench{int(time.time())}", password_hash="x")
+        db.session.add(user)
+        db.session.commit()
+        started = time.perf_counter()
+        seed(user, conversations, messages)
+        print(f"seeded {conversations} chats x {messages} messages in {time.perf_counter() - started:.0f} s")
+        report(url, user, "")
+        if db.engine.dialect.name == "postgresql":  # the same searches without migration 0003's indexes
+            db.session.execute(text("DROP INDEX IF EXISTS ix_messages_content_trgm"))
+            db.session.execute(text("DROP INDEX IF EXISTS ix_conversations_title_trgm"))
+            db.session.commit()
+            report(url, user, " (no trigram indexes)")
+
+
+def report(url, user, label):
+    for query in ("zebra", "replica", "unicorn"):
+        found, median, p95 = timed(user, query)
+        print(f"{url.split(':')[0]}{label}: q={query!r:<10} {found:>2} shown: median {median:.1f} ms, "
+              f"p95 {p95:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
