@@ -165,3 +165,19 @@ def test_stored_hits_hide_who_was_tried_and_expire(make_app):
     api_login(client, "someone-else")  # each new hit sweeps the expired ones
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(RateLimitHit)) == 1
+
+
+def test_sign_up_makes_a_few_accounts_per_address_then_says_to_wait(make_app):
+    app = make_app(SIGNUP_LIMIT_PER_ADDRESS="2 per hour")
+
+    def sign_up(username, confirm="x" * 12):
+        client = app.test_client()
+        return client.post("/register", data={"username": username, "password": "x" * 12, "confirm": confirm,
+                                              "csrf_token": csrf_of(client, "/register")})
+    assert {sign_up(f"typo{n}", confirm="y" * 12).status_code for n in range(4)} == {422}  # mistakes don't count
+    made = [sign_up(f"user{n}") for n in range(3)]
+    assert [r.status_code for r in made] == [302, 302, 429]
+    html = made[2].get_data(as_text=True)
+    assert "Too many new accounts" in html and 'value="user2"' in html
+    assert int(made[2].headers["Retry-After"]) > 60
+    assert api_login(app.test_client(), "user2", "x" * 12).status_code == 401  # not created

@@ -56,6 +56,14 @@ def sign_in_limits(view):
     return view
 
 
+def sign_up_limit(view):
+    """New accounts per client address (SIGNUP_LIMIT_PER_ADDRESS): an open sign-up page is not a
+    bot's account factory. Counts accounts made (the redirect after success), not typos in the form."""
+    return limiter.limit(_limit("SIGNUP_LIMIT_PER_ADDRESS"), scope="sign-up",
+                         deduct_when=lambda response: response.status_code == 302,
+                         exempt_when=_off("SIGNUP_LIMIT_PER_ADDRESS"))(view)
+
+
 def retry_after_seconds():
     """Seconds until the breached limit lets one more attempt through (at least 1)."""
     current = limiter.current_limit
@@ -70,4 +78,4 @@ def wait_in_words(seconds):
     return f"{math.ceil(seconds / 60)} minutes"
 
 
-__all__ = ["limiter", "sign_in_limits", "retry_after_seconds", "wait_in_words", "RateLimitExceeded"]
+__all__ = ["limiter", "sign_in_limits", "sign_up_limit", "retry_after_seconds", "wait_in_words", "RateLimitExceeded"]

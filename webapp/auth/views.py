@@ -5,7 +5,7 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from flask_login import current_user, login_required, login_user, logout_user
 
 from .passwords import AccountError, authenticate, create_user, set_password
-from .throttle import sign_in_limits, wait_in_words
+from .throttle import sign_in_limits, sign_up_limit, wait_in_words
 
 bp = Blueprint("auth", __name__)
 
@@ -46,9 +46,15 @@ def _login_page(error, next_url):
 
 
 def throttled_page(seconds):
-    """The sign-in page again, saying why it refuses and for how long; what was typed is kept."""
-    error = f"Too many failed sign-in attempts. Please wait {wait_in_words(seconds)} and try again."
-    return _login_page(error, safe_next(request.values.get("next"))), 429, {"Retry-After": str(seconds)}
+    """The same page again, saying why it refuses and for how long; what was typed is kept."""
+    wait = wait_in_words(seconds)
+    if request.endpoint == "auth.register":
+        page = render_template("register.html", username=request.form.get("username", ""),
+                               error=f"Too many new accounts from your network. Please wait {wait} and try again.")
+    else:
+        page = _login_page(f"Too many failed sign-in attempts. Please wait {wait} and try again.",
+                           safe_next(request.values.get("next")))
+    return page, 429, {"Retry-After": str(seconds)}
 
 
 @bp.post("/logout")
@@ -59,6 +65,7 @@ def logout():
 
 
 @bp.route("/register", methods=["GET", "POST"])
+@sign_up_limit
 def register():
     if not current_app.config["ALLOW_SIGNUP"]:
         # 404 like any missing page, but in words: the operator turned sign-up off.
