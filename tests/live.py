@@ -59,6 +59,10 @@ class LiveServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def log_text(self):
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
     def stop(self):
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)

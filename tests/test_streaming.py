@@ -182,7 +182,7 @@ def test_reattach_and_stop_from_another_process(servers, app, ollama):
 
 def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app, ollama):
     make_user(app)
-    doomed, survivor = servers(), servers()
+    doomed, survivor = servers(), servers(ORPHAN_SWEEP_SECONDS=0)  # no sweeper: the reads must find it
     auth = login(doomed.url, "alice", PASSWORD)
     doomed.auth = auth
     ollama.script(reply=REPLY, delay=0.2)
@@ -209,6 +209,27 @@ def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app
     messages = requests.get(f"{survivor.url}/conversations/{start['conversation_id']}", headers=auth,
                             timeout=10).json()["messages"]
     assert [(m["role"], m["status"]) for m in messages] == [("user", "complete"), ("assistant", "complete")]
+
+
+def test_orphans_are_swept_even_when_nobody_looks(servers, app, ollama):
+    """A crashed worker's answer becomes 'interrupted' in the database by itself: another worker's
+    sweeper finds the stopped heartbeat, keeps the partial text and frees the conversation."""
+    make_user(app)
+    doomed, survivor = servers(), servers(ORPHAN_SWEEP_SECONDS=0.5)
+    doomed.auth = login(doomed.url, "alice", PASSWORD)
+    ollama.script(reply=REPLY, delay=0.2)
+    response, events = start_stream(doomed)
+    _, start = next(events)
+    next(events)
+    time.sleep(0.3)  # let a flush reach the database
+    doomed.kill()
+    message = wait_for_status(app, start["message_id"], {"interrupted"}, timeout=6.0)  # no request made
+    assert message.content.startswith("one") and message.error_code == "interrupted"
+    from webapp.extensions import db
+    from webapp.models import Conversation
+    with app.app_context():
+        assert db.session.get(Conversation, start["conversation_id"]).active_message_id is None
+    assert "orphaned by a dead worker" in survivor.log_text()
 
 
 def test_graceful_worker_exit_saves_running_answers_as_interrupted(servers, app, ollama):

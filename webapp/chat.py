@@ -405,6 +405,16 @@ def request_stop(message_id):
     registry_for(current_app._get_current_object()).abort(message_id)
 
 
+def reap_stale(batch=100):
+    """Sweep for answers orphaned by a dead worker anywhere and save them as interrupted, so the
+    database tells the truth even before anyone looks (each read also checks; see reap_if_stale).
+    A cheap query: the partial index ix_messages_active holds only pending/streaming rows."""
+    cutoff = utcnow() - timedelta(seconds=current_app.config["STALE_AFTER_SECONDS"])
+    orphans = db.session.scalars(select(Message).where(
+        Message.status.in_(ACTIVE_STATUSES), Message.heartbeat_at <= cutoff).limit(batch)).all()
+    return sum(reap_message_if_stale(message) for message in orphans)
+
+
 def reap_if_stale(conversation):
     """If the conversation's running answer belongs to a dead worker, mark it interrupted."""
     if not conversation.active_message_id:

@@ -83,6 +83,7 @@ def load_config():
         "STREAM_FLUSH_SECONDS": _float("STREAM_FLUSH_SECONDS", 0.25),
         "HEARTBEAT_SECONDS": _float("HEARTBEAT_SECONDS", 1.0),
         "STALE_AFTER_SECONDS": _float("STALE_AFTER_SECONDS", 15.0),
+        "ORPHAN_SWEEP_SECONDS": _float("ORPHAN_SWEEP_SECONDS", 10.0),
         "ALLOW_SIGNUP": _bool("ALLOW_SIGNUP", True),
         "MIN_PASSWORD_LENGTH": _int("MIN_PASSWORD_LENGTH", 8),
         # Failed sign-ins allowed before 429 (both doors together); empty turns a limit off.

@@ -247,6 +247,33 @@ def _ms(ns):
     return round(ns / 1e6) if ns else None
 
 
+def start_orphan_sweeper(app):
+    """In each served process (gunicorn's post_worker_init): every ORPHAN_SWEEP_SECONDS, save
+    answers whose worker died as interrupted and free their conversations, whether or not anyone
+    is looking. Every worker sweeps; the guarded UPDATE makes doing it twice harmless."""
+    every = app.config["ORPHAN_SWEEP_SECONDS"]
+    if every <= 0:
+        return None  # off: reads still find orphans (reap_if_stale)
+
+    def sweep():
+        from .chat import reap_stale
+        with app.app_context():
+            while True:
+                time.sleep(every)
+                try:
+                    reaped = reap_stale()
+                    if reaped:
+                        log.warning("saved %d answer(s) orphaned by a dead worker as interrupted", reaped)
+                except Exception:  # a database hiccup must not end the sweeper
+                    log.exception("orphan sweep failed")
+                    db.session.rollback()
+                finally:
+                    db.session.remove()
+    thread = threading.Thread(target=sweep, name="orphan-sweeper", daemon=True)
+    thread.start()
+    return thread
+
+
 def registry_for(app):
     registry = app.extensions.get("generations")
     if registry is None:

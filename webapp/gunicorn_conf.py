@@ -19,3 +19,11 @@ def worker_exit(server, worker):
     registry = getattr(app, "extensions", {}).get("generations") if app is not None else None
     if registry is not None:
         registry.shutdown()
+
+
+def post_worker_init(worker):
+    """Each worker sweeps for answers orphaned by a crashed worker or replica (see generation.py)."""
+    from webapp.generation import start_orphan_sweeper
+    app = getattr(worker, "wsgi", None)
+    if app is not None and hasattr(app, "config"):
+        start_orphan_sweeper(app)
