@@ -6,21 +6,16 @@ of 10,000 on a real database and times chat.build_context() for each.
 
     .venv/bin/python bench/bench_context.py [DATABASE_URL]
 """
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("SECRET_KEY", "bench-secret-key-long-enough-0123456789abcdef")
-
-from flask_migrate import upgrade  # noqa: E402
+from common import bench_user, fresh_app  # noqa: E402  (also puts the project on sys.path)
 from sqlalchemy import insert, text  # noqa: E402
 
-from webapp import create_app  # noqa: E402
 from webapp.chat import build_context  # noqa: E402
 from webapp.extensions import db  # noqa: E402
-from webapp.models import Conversation, Message, User  # noqa: E402
+from webapp.models import Conversation, Message  # noqa: E402
 
 
 def seed(user_id, count):
@@ -50,14 +45,8 @@ def timed(conversation, runs=200):
 
 def main():
     url = sys.argv[1] if len(sys.argv) > 1 else "sqlite:////tmp/bench-context.db"
-    if url.startswith("sqlite:////") and os.path.exists(url[10:]):
-        os.remove(url[10:])
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
-    with app.app_context():
-        upgrade()
-        user = User(username=f"bench{int(time.time())}", password_hash="x")
-        db.session.add(user)
-        db.session.commit()
+    with fresh_app(url).app_context():
+        user = bench_user()
         for count in (10, 10_000):
             conversation = seed(user.id, count)
             median, p95 = timed(conversation)

@@ -8,22 +8,17 @@ without the trigram indexes of migration 0003, for comparison).
 
     .venv/bin/python bench/bench_search.py [DATABASE_URL] [CONVERSATIONS] [MESSAGES]
 """
-import os
 import random
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("SECRET_KEY", "bench-secret-key-long-enough-0123456789abcdef")
-
-from flask_migrate import upgrade  # noqa: E402
+from common import bench_user, fresh_app  # noqa: E402  (also puts the project on sys.path)
 from sqlalchemy import insert, text  # noqa: E402
 
-from webapp import create_app  # noqa: E402
 from webapp.chat import list_conversations  # noqa: E402
 from webapp.extensions import db  # noqa: E402
-from webapp.models import Conversation, Message, User  # noqa: E402
+from webapp.models import Conversation, Message  # noqa: E402
 
 WORDS = ("model answer context token stream python database question reply system prompt window "
          "cluster replica worker thread socket").split()
@@ -63,14 +58,8 @@ def main():
     url = sys.argv[1] if len(sys.argv) > 1 else "sqlite:////tmp/bench-search.db"
     conversations = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
     messages = int(sys.argv[3]) if len(sys.argv) > 3 else 20
-    if url.startswith("sqlite:////") and os.path.exists(url[10:]):
-        os.remove(url[10:])
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
-    with app.app_context():
-        upgrade()
-        user = User(username=f"bench{int(time.time())}", password_hash="x")
-        db.session.add(user)
-        db.session.commit()
+    with fresh_app(url).app_context():
+        user = bench_user()
         started = time.perf_counter()
         seed(user, conversations, messages)
         print(f"seeded {conversations} chats x {messages} messages in {time.perf_counter() - started:.0f} s")

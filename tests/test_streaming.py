@@ -180,9 +180,10 @@ def test_reattach_and_stop_from_another_process(servers, app, ollama):
     assert rest[-1][0] == "done" and rest[-1][1]["status"] == "cancelled"
 
 
-def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app, ollama):
+def crash_mid_answer(servers, app, ollama, **survivor_env):
+    """Start an answer on one server, SIGKILL it mid-answer; return the other server, auth and ids."""
     make_user(app)
-    doomed, survivor = servers(), servers(ORPHAN_SWEEP_SECONDS=0)  # no sweeper: the reads must find it
+    doomed, survivor = servers(), servers(**survivor_env)
     auth = login(doomed.url, "alice", PASSWORD)
     doomed.auth = auth
     ollama.script(reply=REPLY, delay=0.2)
@@ -191,6 +192,12 @@ def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app
     next(events)
     time.sleep(0.3)  # let a flush reach the database
     doomed.kill()
+    return survivor, auth, start
+
+
+def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app, ollama):
+    # No sweeper on the survivor: its reads must find the orphan.
+    survivor, auth, start = crash_mid_answer(servers, app, ollama, ORPHAN_SWEEP_SECONDS=0)
     time.sleep(2.0)  # past STALE_AFTER_SECONDS (1.5 s)
     single = requests.get(f"{survivor.url}/conversations/{start['conversation_id']}/messages/"
                           f"{start['message_id']}", headers=auth, timeout=10).json()
@@ -214,15 +221,7 @@ def test_worker_crash_is_detected_as_interrupted_and_can_be_retried(servers, app
 def test_orphans_are_swept_even_when_nobody_looks(servers, app, ollama):
     """A crashed worker's answer becomes 'interrupted' in the database by itself: another worker's
     sweeper finds the stopped heartbeat, keeps the partial text and frees the conversation."""
-    make_user(app)
-    doomed, survivor = servers(), servers(ORPHAN_SWEEP_SECONDS=0.5)
-    doomed.auth = login(doomed.url, "alice", PASSWORD)
-    ollama.script(reply=REPLY, delay=0.2)
-    response, events = start_stream(doomed)
-    _, start = next(events)
-    next(events)
-    time.sleep(0.3)  # let a flush reach the database
-    doomed.kill()
+    survivor, _, start = crash_mid_answer(servers, app, ollama, ORPHAN_SWEEP_SECONDS=0.5)
     message = wait_for_status(app, start["message_id"], {"interrupted"}, timeout=6.0)  # no request made
     assert message.content.startswith("one") and message.error_code == "interrupted"
     from webapp.extensions import db

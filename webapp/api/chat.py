@@ -1,5 +1,5 @@
 """POST /chat/: one turn, answered whole as JSON or streamed as Server-Sent Events."""
-from flask import g, jsonify, request
+from flask import g, jsonify
 
 from .. import chat, sse
 from ..models import CANCELLED, COMPLETE, usage_dict
