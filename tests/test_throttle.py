@@ -181,3 +181,26 @@ def test_sign_up_makes_a_few_accounts_per_address_then_says_to_wait(make_app):
     assert "Too many new accounts" in html and 'value="user2"' in html
     assert int(made[2].headers["Retry-After"]) > 60
     assert api_login(app.test_client(), "user2", "x" * 12).status_code == 401  # not created
+
+
+def test_a_broken_limit_store_does_not_lock_people_out(make_app, caplog):
+    """Fail open: with the counters' table gone (a missed migration, a database hiccup) sign-in still
+    answers 200/401 as usual, and the failure is logged."""
+    from sqlalchemy import text
+
+    from webapp.extensions import db
+    app = make_app(LOGIN_LIMIT_PER_USER="2 per minute")
+    make_user(app)
+    with app.app_context():
+        db.session.execute(text("ALTER TABLE rate_limit_hits RENAME TO rate_limit_hits_away"))
+        db.session.commit()
+    try:
+        client = app.test_client()
+        assert [api_login(client).status_code for _ in range(3)] == [401, 401, 401]
+        assert api_login(client, password=PASSWORD).status_code == 200
+        assert "rate_limit_hits" in caplog.text
+    finally:
+        with app.app_context():
+            db.session.rollback()
+            db.session.execute(text("ALTER TABLE rate_limit_hits_away RENAME TO rate_limit_hits"))
+            db.session.commit()

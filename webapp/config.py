@@ -92,6 +92,9 @@ def load_config():
         "SIGNUP_LIMIT_PER_ADDRESS": os.environ.get("SIGNUP_LIMIT_PER_ADDRESS", "5 per hour").strip(),
         "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI", "").strip() or "database://",
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
+        # If the limit store fails (a database hiccup, a missed migration), sign-in goes on unthrottled
+        # and the error is logged: locking everyone out would be worse than a brief gap in the limit.
+        "RATELIMIT_SWALLOW_ERRORS": True,
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO").upper(),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
