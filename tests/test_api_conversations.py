@@ -85,7 +85,7 @@ def test_every_endpoint_hides_other_users_ids(app, client, auth):
         ("get", f"/conversations/{cid}", None), ("patch", f"/conversations/{cid}", {"title": "mine now"}),
         ("delete", f"/conversations/{cid}", None), ("post", f"/conversations/{cid}/stop", None),
         ("post", f"/conversations/{cid}/regenerate", None), ("get", f"/conversations/{cid}/messages/{mid}", None),
-        ("get", f"/conversations/{cid}/messages/{mid}/stream", None),
+        ("get", f"/conversations/{cid}/messages/{mid}/stream", None), ("get", f"/conversations/{cid}/export", None),
         ("post", "/chat/", {"prompt": "x", "conversation_id": cid}),
     ]
     for method, url, body in calls:
@@ -208,3 +208,21 @@ def test_health_does_not_reveal_the_llm_address(make_app):
     assert "127.0.0.1:9" not in body
     body = make_app().test_client().get("/health").get_data(as_text=True)
     assert "127.0.0.1" not in body
+
+
+def test_export_is_the_whole_conversation_as_markdown(client, auth, ollama):
+    ollama.script(reply="Bonjour, **Ada**.")
+    cid = chat(client, auth, "Say hello to Ada in French")["conversation_id"]
+    client.patch(f"/conversations/{cid}", json={"system_prompt": "Answer in French."}, headers=auth)
+    ollama.script(fail="status", status=500)
+    client.post("/chat/", json={"prompt": "and again?", "conversation_id": cid}, headers=auth)
+    response = client.get(f"/conversations/{cid}/export", headers=auth)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/markdown; charset=utf-8"
+    assert response.headers["Content-Disposition"] == f'attachment; filename="conversation-{cid}.md"'
+    text = response.get_data(as_text=True)
+    assert text.startswith("# Say hello to Ada in French\n")
+    order = [text.index(part) for part in ("## System prompt\n\nAnswer in French.", "## You\n\nSay hello",
+                                           "## Assistant (tinyllama)\n\nBonjour, **Ada**.", "## You\n\nand again?",
+                                           "*[error: ")]
+    assert order == sorted(order)  # oldest first, the failed answer says so

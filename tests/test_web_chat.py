@@ -326,3 +326,16 @@ def test_pages_need_no_inline_script_style_or_eval(app, browser, ollama):
     page = browser.get(f"/c/{conversation_id}").get_data(as_text=True)
     assert '"allowEval": false' in page and '"includeIndicatorStyles": false' in page
     assert "hx-headers='{\"X-CSRFToken\": \"" in page
+
+
+def test_export_link_downloads_the_conversation(browser, ollama):
+    ollama.script(reply="a reply worth keeping")
+    conversation_id = conversation_of(send(browser, "keep this"))
+    read_sse(browser, f"/c/{conversation_id}/m/2/events")
+    page = browser.get(f"/c/{conversation_id}").get_data(as_text=True)
+    assert f'href="/c/{conversation_id}/export" download' in page
+    download = browser.get(f"/c/{conversation_id}/export")
+    assert download.status_code == 200 and download.mimetype == "text/markdown"
+    assert "## You\n\nkeep this" in download.get_data(as_text=True)
+    assert "a reply worth keeping" in download.get_data(as_text=True)
+    assert browser.get("/c/999/export").status_code == 404

@@ -405,6 +405,31 @@ def request_stop(message_id):
     registry_for(current_app._get_current_object()).abort(message_id)
 
 
+# ---- export ----------------------------------------------------------------------------------------
+
+EXPORT_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
+
+
+def export_markdown(user, conversation_id):
+    """The whole conversation as a Markdown document, oldest first, read in batches so a 10,000-
+    message chat is not held in memory at once. Failed or stopped answers say so."""
+    conversation = get_conversation(user, conversation_id)
+    reap_if_stale(conversation)
+    parts = [f"# {conversation.title}\n\nModel: {conversation.model} · exported "
+             f"{utcnow().strftime('%Y-%m-%d %H:%M UTC')}\n"]
+    if conversation.system_prompt:
+        parts.append(f"## System prompt\n\n{conversation.system_prompt}\n")
+    messages = db.session.scalars(select(Message).where(Message.conversation_id == conversation.id)
+                                  .order_by(Message.id).execution_options(yield_per=500))
+    for message in messages:
+        heading = EXPORT_LABELS.get(message.role, message.role)
+        if message.role == "assistant" and message.model:
+            heading += f" ({message.model})"
+        note = "" if message.status == COMPLETE else f"\n\n*[{message.status}: {message.error or 'no reason given'}]*"
+        parts.append(f"## {heading}\n\n{message.content}{note}\n")
+    return conversation, "\n".join(parts)
+
+
 def reap_stale(batch=100):
     """Sweep for answers orphaned by a dead worker anywhere and save them as interrupted, so the
     database tells the truth even before anyone looks (each read also checks; see reap_if_stale).

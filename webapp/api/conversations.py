@@ -3,6 +3,7 @@ and re-attach to a live answer. Every id is looked up through the caller: others
 from flask import g, jsonify, request
 
 from .. import chat, sse
+from ..downloads import markdown_file
 from . import bp
 from .chat import finished_response, parse_options, stream_turn, turn_result
 from .guard import json_body, token_required
@@ -57,6 +58,12 @@ def update_conversation(conversation_id):
     conversation = chat.update_conversation(g.api_user, conversation_id, title=data.get("title"),
                                             model=data.get("model"), system_prompt=data.get("system_prompt"))
     return jsonify(conversation.to_dict())
+
+
+@bp.get("/conversations/<int:conversation_id>/export")
+@token_required
+def export_conversation(conversation_id):
+    return markdown_file(*chat.export_markdown(g.api_user, conversation_id))
 
 
 @bp.delete("/conversations/<int:conversation_id>")

@@ -128,6 +128,11 @@ SPEC = {
                       "responses": {"200": _json(_ref("Conversation")), **_errors("400", "401", "404", "415", "422")}},
             "delete": {"summary": "Delete it and its messages",
                        "responses": {"204": {"description": "Deleted"}, **_errors("401", "404")}}},
+        "/conversations/{conversation_id}/export": {"parameters": [CONVERSATION_ID], "get": {
+            "summary": "The whole conversation as a Markdown file",
+            "responses": {"200": {"description": "Markdown, oldest message first",
+                                  "content": {"text/markdown": {"schema": {"type": "string"}}}},
+                          **_errors("401", "404")}}},
         "/conversations/{conversation_id}/stop": {"parameters": [CONVERSATION_ID], "post": {
             "summary": "Stop the running answer (saved as cancelled)",
             "responses": {"200": _json(_ref("TurnResult")), **_errors("401", "404", "409")}}},

@@ -11,6 +11,7 @@ from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError
 
 from .. import chat, llm, sse
+from ..downloads import markdown_file
 from ..markdown import render as render_markdown
 from ..extensions import db
 from ..models import ACTIVE_STATUSES, Conversation, usage_dict
@@ -287,6 +288,12 @@ def rename(conversation_id):
     if is_htmx():
         return render_template("_conversation_item.html", item=conversation, current_id=conversation_id)
     return redirect(url_for("web.conversation", conversation_id=conversation_id))
+
+
+@bp.get("/c/<int:conversation_id>/export")
+@login_required
+def export(conversation_id):
+    return markdown_file(*owned(chat.export_markdown, user(), conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/delete")
