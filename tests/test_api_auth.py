@@ -79,3 +79,19 @@ def test_wrong_method_says_which_are_allowed(client):
     assert response.get_json()["error"]["code"] == "method_not_allowed"
     page = client.put("/login")
     assert page.status_code == 405 and "POST" in page.headers["Allow"]
+
+
+def test_revoke_ends_every_token_and_browser_session(app, client, user):
+    from test_web_pages import sign_in
+    first, second = login_token(client), login_token(client)
+    browser = app.test_client()
+    sign_in(browser)
+    assert browser.get("/settings").status_code == 200
+    revoked = client.post("/auth/revoke", headers={"Authorization": f"Bearer {first}"})
+    assert revoked.status_code == 204
+    for token in (first, second):
+        response = client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401 and "no longer valid" in response.get_json()["error"]["message"]
+    assert browser.get("/settings").status_code == 302  # the page session ended too
+    assert client.post("/auth/revoke").status_code == 401
+    assert client.get("/conversations", headers={"Authorization": f"Bearer {login_token(client)}"}).status_code == 200

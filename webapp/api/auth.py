@@ -1,10 +1,11 @@
 """POST /auth/login: the OAuth2 password grant, as a form, answering a bearer token."""
-from flask import jsonify, request
+from flask import g, jsonify, request
 
 from ..auth import tokens
-from ..auth.passwords import authenticate
+from ..auth.passwords import authenticate, revoke_all
 from ..auth.throttle import sign_in_limits
 from . import bp
+from .guard import token_required
 from .errors import error_response
 
 
@@ -25,3 +26,11 @@ def login():
                               headers={"WWW-Authenticate": "Bearer"})
     token, lifetime = tokens.issue(user)
     return jsonify({"access_token": token, "token_type": "bearer", "expires_in": lifetime})
+
+
+@bp.post("/auth/revoke")
+@token_required
+def revoke():
+    """Sign out everywhere: this token, every other token and every browser session of the caller."""
+    revoke_all(g.api_user)
+    return "", 204

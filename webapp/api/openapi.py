@@ -95,6 +95,9 @@ SPEC = {
             "responses": {"200": _json({"type": "object", "properties": {
                 "access_token": {"type": "string"}, "token_type": {"const": "bearer"},
                 "expires_in": {"type": "integer"}}}), **_errors("400", "401", "422", "429")}}},
+        "/auth/revoke": {"post": {
+            "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
+            "responses": {"204": {"description": "Revoked; sign in again for a new token"}, **_errors("401")}}},
         "/chat/": {"post": {
             "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},

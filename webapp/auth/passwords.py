@@ -66,6 +66,12 @@ def set_password(user, password):
     db.session.commit()
 
 
+def revoke_all(user):
+    """End every session and bearer token of this user at once (a leaked token, a lost laptop)."""
+    user.token_version += 1
+    db.session.commit()
+
+
 _DUMMY = {}
 
 
