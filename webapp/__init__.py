@@ -3,13 +3,14 @@ import logging
 import sys
 
 from flask import Flask, make_response, request
+from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from . import https
-from .auth.throttle import RateLimitExceeded, limiter, retry_after_seconds
+from .auth.throttle import limiter, retry_after_seconds
 from .extensions import csrf, db, htmx, login_manager, migrate
 from .logs import init_request_ids, setup_logging
 

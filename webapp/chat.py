@@ -411,8 +411,8 @@ EXPORT_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
 
 
 def export_markdown(user, conversation_id):
-    """The whole conversation as a Markdown document, oldest first, read in batches so a 10,000-
-    message chat is not held in memory at once. Failed or stopped answers say so."""
+    """The whole conversation as a Markdown document, oldest first; rows are read 500 at a time (the
+    text itself is one string). Failed or stopped answers say so."""
     conversation = get_conversation(user, conversation_id)
     reap_if_stale(conversation)
     parts = [f"# {conversation.title}\n\nModel: {conversation.model} · exported "

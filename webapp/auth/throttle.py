@@ -16,14 +16,10 @@ import time
 
 from flask import current_app, request
 from flask_limiter import Limiter
-from flask_limiter.errors import RateLimitExceeded
 
 from . import limit_store  # noqa: F401  (registers the database:// storage with `limits`)
 
 limiter = Limiter(key_func=lambda: request.remote_addr or "-", strategy="moving-window")
-
-SCOPE = "sign-in"
-
 
 def _failed(response):
     # 401 is a wrong password on both doors; 422/400 are malformed forms and are not guesses.
@@ -49,9 +45,9 @@ def _off(name):
 
 def sign_in_limits(view):
     """Decorate a sign-in view (the page or the API) with both failure limits."""
-    view = limiter.shared_limit(_limit("LOGIN_LIMIT_PER_USER"), scope=SCOPE + "-user", key_func=_per_user_key,
+    view = limiter.shared_limit(_limit("LOGIN_LIMIT_PER_USER"), scope="sign-in-user", key_func=_per_user_key,
                                 deduct_when=_failed, exempt_when=_off("LOGIN_LIMIT_PER_USER"))(view)
-    view = limiter.shared_limit(_limit("LOGIN_LIMIT_PER_ADDRESS"), scope=SCOPE + "-address",
+    view = limiter.shared_limit(_limit("LOGIN_LIMIT_PER_ADDRESS"), scope="sign-in-address",
                                 deduct_when=_failed, exempt_when=_off("LOGIN_LIMIT_PER_ADDRESS"))(view)
     return view
 
@@ -76,6 +72,3 @@ def wait_in_words(seconds):
     if seconds < 90:
         return f"{seconds} seconds"
     return f"{math.ceil(seconds / 60)} minutes"
-
-
-__all__ = ["limiter", "sign_in_limits", "sign_up_limit", "retry_after_seconds", "wait_in_words", "RateLimitExceeded"]
