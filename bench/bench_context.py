@@ -13,7 +13,7 @@ import time
 from common import bench_user, fresh_app  # noqa: E402  (also puts the project on sys.path)
 from sqlalchemy import insert, text  # noqa: E402
 
-from webapp.chat import build_context  # noqa: E402
+from webapp.service import build_context  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Conversation, Message  # noqa: E402
 

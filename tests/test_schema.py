@@ -65,7 +65,7 @@ def test_postgresql_search_can_use_the_trigram_indexes(pg_url):
     the planner like it on a nearly empty table?"."""
     from sqlalchemy import select
 
-    from webapp.chat import search_conditions
+    from webapp.service import search_conditions
     from webapp.models import Conversation, Message
     title_matches, message_matches = search_conditions("zebra")
     app = _make_app(pg_url, "http://127.0.0.1:9")

@@ -10,13 +10,13 @@ pytestmark = pytest.mark.browser
 
 
 def seed_conversations(app, count):
-    from webapp import chat
+    from webapp import service
     from webapp.extensions import db
     from webapp.models import User
     with app.test_request_context():
         owner = db.session.get(User, 1)
         for n in range(count):
-            chat.create_conversation(owner, title=f"seeded chat {n}")
+            service.create_conversation(owner, title=f"seeded chat {n}")
 
 
 def test_sidebar_loads_more_when_scrolled(app, page):

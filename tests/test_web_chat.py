@@ -218,12 +218,12 @@ def test_csrf_failure_is_a_friendly_page_and_fragment(browser):
 # ---- the sidebar and older messages ----------------------------------------------------------------
 
 def seed_conversations(app, count, title="chat"):
-    from webapp import chat
+    from webapp import service
     from webapp.extensions import db
     from webapp.models import User
     with app.test_request_context():
         owner = db.session.get(User, 1)
-        return [chat.create_conversation(owner, title=f"{title} {n}").id for n in range(count)]
+        return [service.create_conversation(owner, title=f"{title} {n}").id for n in range(count)]
 
 
 def test_sidebar_pages_with_a_cursor(app, browser):
