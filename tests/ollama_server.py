@@ -7,13 +7,13 @@ an error line mid-stream, a stall, a cut connection, a slow model load). It reco
 and notices when a client closes its connection, which is how tests see that Stop reached it.
 """
 import json
-from contextlib import contextmanager
 import re
 import select
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -401,7 +401,7 @@ def _final_counters(request, script, chunks):
 
 
 def _now():
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _tag(name):

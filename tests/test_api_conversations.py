@@ -1,7 +1,7 @@
 """The conversation endpoints, ownership on every id, the context window and regenerate."""
 import pytest
 
-from conftest import both_databases, login_token, make_user
+from helpers import both_databases, login_token, make_user
 
 pytestmark = both_databases
 

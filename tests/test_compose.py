@@ -49,6 +49,7 @@ def test_compose_cli_accepts_the_file_and_demands_a_secret():
     import os
     import shutil
     import subprocess
+
     import pytest
     if shutil.which("docker-compose"):
         command = ["docker-compose", "config", "-q"]

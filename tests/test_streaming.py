@@ -1,12 +1,10 @@
 """Streaming through real HTTP against gunicorn: disconnects, re-attach, Stop, failures, other workers."""
-import threading
 import time
 
 import pytest
 import requests
-from sqlalchemy import select
 
-from conftest import PASSWORD, both_databases, make_user
+from helpers import PASSWORD, both_databases, make_user
 from live import LiveServer, login, sse_events
 
 pytestmark = both_databases

@@ -5,9 +5,17 @@ JSON API (webapp/api/) and the pages (webapp/web/). Views call only what this fa
     turns          start a turn, regenerate, follow an answer, wait for it, stop it
     export         a conversation as Markdown
 """
-from .conversations import (create_conversation, decode_cursor, delete_conversation, get_conversation,
-                            get_message, list_conversations, list_messages, search_conditions,
-                            update_conversation)
+from .conversations import (
+                            create_conversation,
+                            decode_cursor,
+                            delete_conversation,
+                            get_conversation,
+                            get_message,
+                            list_conversations,
+                            list_messages,
+                            search_conditions,
+                            update_conversation,
+)
 from .export import export_markdown
 from .messages import end_reads, is_active, is_answered, usage_dict
 from .turns import Turn, build_context, follow, regenerate, start_turn, stop, wait_final
