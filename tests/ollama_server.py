@@ -47,7 +47,6 @@ class FakeOllama:
         self.url = None
         self._server = None
         self._lock = threading.Lock()
-        self._active = 0
         self.reset()
 
     # -- control -------------------------------------------------------------------------------
@@ -88,9 +87,6 @@ class FakeOllama:
         with self._event_added:
             self._event_added.wait_for(found, timeout)
             return found()
-
-    def active_streams(self):
-        return self._active
 
     def resolve(self, name):
         """Ollama adds ':latest' to a name without a tag."""
@@ -296,19 +292,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     @contextmanager
     def _streaming(self, content_type, model):
-        """Start a chunked 200 answer and keep the books: events, the count of open streams."""
+        """Start a chunked 200 answer and record it (and a client that hangs up) as events."""
         fake = self.server_state
         fake.record("chat_start", model=model)
-        with fake._lock:
-            fake._active += 1
         try:
             self._start_stream(content_type)
             yield
         except ClientGone:
             fake.record("client_closed", chunks_sent=-1)
-        finally:
-            with fake._lock:
-                fake._active -= 1
 
     # -- /api/chat --------------------------------------------------------------------------------
 

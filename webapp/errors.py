@@ -18,9 +18,18 @@ Where a page shows an error (webapp/web/errors.py, ERROR_SLOTS):
 """
 from flask import request
 
+from . import llm
 from .llm import LLMError  # the model server's refusals: rendered by each door like ServiceError
 
-__all__ = ["LLMError", "ServiceError", "not_found", "invalid", "init_app", "is_api_request"]
+__all__ = ["ANSWER_ERROR_STATUS", "LLMError", "ServiceError", "not_found", "invalid", "init_app", "is_api_request"]
+
+# A failed answer's saved error code -> the API's status for it: the model server's own errors keep
+# the status their class carries; a worker that died is "unavailable", a bug is a 500.
+ANSWER_ERROR_STATUS = {
+    **{kind.code: kind.status for kind in (llm.LLMUnreachable, llm.LLMTimeout, llm.ModelNotFound, llm.UpstreamError)},
+    "interrupted": 503,
+    "internal_error": 500,
+}
 
 
 class ServiceError(Exception):

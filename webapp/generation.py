@@ -20,7 +20,7 @@ from flask import current_app
 from . import answers, llm
 from .extensions import db
 from .logs import request_id_var
-from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED
+from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, ms
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
@@ -234,7 +234,7 @@ class Generation:
         log.info("llm call model=%s outcome=%s%s chars=%d prompt_tokens=%s completion_tokens=%s "
                  "done_reason=%s load_ms=%s eval_ms=%s wall_ms=%d", self.job.model, status,
                  f"/{code}" if code else "", len(self.live.text), final.prompt_eval_count, final.eval_count,
-                 final.done_reason, _ms(final.load_duration), _ms(final.eval_duration),
+                 final.done_reason, ms(final.load_duration), ms(final.eval_duration),
                  (time.monotonic() - self.started) * 1000)
 
 
@@ -245,6 +245,3 @@ def _usage(final):
             "load_duration": final.load_duration, "prompt_eval_duration": final.prompt_eval_duration,
             "eval_duration": final.eval_duration}
 
-
-def _ms(nanoseconds):
-    return round(nanoseconds / 1e6) if nanoseconds else None

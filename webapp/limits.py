@@ -22,13 +22,3 @@ OPTION_RULES = {
     "num_predict": (int, 1, 16384),
     "num_ctx": (int, 256, 262144),
 }
-
-# A failed answer's error code -> the API's HTTP status for it.
-ANSWER_ERROR_STATUS = {
-    "llm_unreachable": 503,
-    "llm_timeout": 504,
-    "model_not_found": 404,
-    "upstream_error": 502,
-    "interrupted": 503,
-    "internal_error": 500,
-}

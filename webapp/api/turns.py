@@ -2,8 +2,8 @@
 from flask import g, jsonify
 
 from .. import service, sse
-from ..errors import invalid
-from ..limits import ANSWER_ERROR_STATUS, OPTION_RULES
+from ..errors import ANSWER_ERROR_STATUS, invalid
+from ..limits import OPTION_RULES
 from . import bp
 from .errors import error_response
 from .guard import json_body, token_required
