@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export FLASK_APP := webapp
 
-.PHONY: run test install install-dev install-llm clean
+.PHONY: run test lint install install-dev install-llm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ run: install .env
 	$(BIN)/flask db upgrade
 	$(BIN)/python -m webapp.launch
 
-test: install-dev install-llm
+# The linter and the import contracts first (seconds), then the whole suite.
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: install-dev install-llm lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
