@@ -71,6 +71,11 @@ class Live:
         with self._cond:
             self._cond.wait_for(lambda: len(self.text) > seen or self.done, timeout)
 
+    def wait_done(self, timeout):
+        """Block until the end (or the timeout), not woken by each token."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done, timeout)
+
     def abort(self, interrupted=False):
         self.interrupted = self.interrupted or interrupted
         self.cancelled = True

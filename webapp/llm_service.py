@@ -28,7 +28,13 @@ class LLMService:
         return state.models
 
     def health(self):
-        return self.client.health()
+        """The LLM server's health, cached like the model list (readiness and the header badge
+        ask often; the answer changes rarely). An error is not cached."""
+        state = self._state()
+        if state.health is not None and time.monotonic() - state.checked < current_app.config["MODELS_CACHE_SECONDS"]:
+            return state.health
+        state.health, state.checked = state.client.health(), time.monotonic()
+        return state.health
 
 
 class _State:
@@ -36,6 +42,7 @@ class _State:
 
     def __init__(self, config):
         self.config, self._client, self.models, self.fetched = config, None, None, 0.0
+        self.health, self.checked = None, 0.0
 
     @property
     def client(self):

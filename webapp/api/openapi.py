@@ -153,8 +153,12 @@ SPEC = {
                     "responses": {"200": SSE, **_errors("401", "404")}}},
         "/models": {"get": {"summary": "Models on the LLM server (cached briefly)", "responses": {
             "200": _json({"type": "object"}), **_errors("401", "503")}}},
-        "/health": {"get": {"summary": "The app is up; is the LLM server reachable?", "security": [],
-                            "responses": {"200": _json({"type": "object"})}}},
+        "/health": {"get": {"summary": "Liveness: the app answers (never asks the LLM or the database)",
+                            "security": [], "responses": {"200": _json({"type": "object"})}}},
+        "/ready": {"get": {"summary": "Readiness: the database answers and is migrated to head; the LLM's "
+                                      "state is reported but never makes the app unready", "security": [],
+                           "responses": {"200": _json({"type": "object"}),
+                                         "503": _json({"type": "object"}, "Not ready: `Retry-After`")}}},
         "/openapi.json": {"get": {"summary": "This description", "security": [],
                                   "responses": {"200": _json({"type": "object"})}}},
     },

@@ -158,8 +158,13 @@ def follow(message_id, poll=0.3, keepalive=10.0):
 
 
 def wait_final(message_id, timeout=None):
-    """Block until the message is final (or the timeout): the non-streaming API's way to answer."""
+    """Block until the message is final (or the timeout): the non-streaming API's way to answer.
+    Generated here: wait for its end without waking per token. Elsewhere: follow its row."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    live = generations.get(message_id)
+    if live is not None:
+        live.wait_done(timeout)
+        return _fresh_message(message_id)
     for kind, value in follow(message_id):
         if kind == "done":
             return value
