@@ -41,13 +41,13 @@ def test_open_claims_and_finish_releases(app, conversation):
         answers.open_answer(conversation, "tinyllama", "r2", prompt="again")
     assert busy.value.code == "conversation_busy"
     assert db.session.scalars(select(Message.content)).all() == ["hello", ""]  # nothing half-written
-    answers.flush(answer.id, "partial")
+    answers.flush({answer.id: "partial"})
     assert reload(Message, answer.id).status == "streaming"
     assert answers.finish(answer.id, conversation.id, "complete", "partial text", usage={"completion_tokens": 2})
     message = reload(Message, answer.id)
     assert (message.status, message.content, message.completion_tokens) == ("complete", "partial text", 2)
     assert reload(Conversation, conversation.id).active_message_id is None
-    answers.flush(answer.id, "late")  # a flush after the end changes nothing
+    answers.flush({answer.id: "late"})  # a flush after the end changes nothing
     assert reload(Message, answer.id).content == "partial text"
 
 
@@ -57,7 +57,7 @@ def test_an_orphan_is_interrupted_and_frees_its_conversation(app, conversation):
     from webapp.models import Conversation, Message, utcnow
     _, answer = answers.open_answer(conversation, "tinyllama", None, prompt="hello")
     db.session.commit()
-    answers.flush(answer.id, "half")
+    answers.flush({answer.id: "half"})
     assert answers.sweep_orphans(lambda _id: False) == 0  # heartbeat is fresh
     message = reload(Message, answer.id)
     message.heartbeat_at = utcnow() - timedelta(minutes=5)

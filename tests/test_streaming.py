@@ -62,7 +62,7 @@ def start_stream(server, prompt="count", **extra):
 
 
 def test_stream_events_and_final_object_match_non_stream(live, ollama):
-    ollama.script(reply=REPLY, delay=0.01)
+    ollama.script(reply=REPLY, delay=0.05)  # tokens further apart than the 30 ms a follower coalesces
     response, events = start_stream(live)
     events = list(events)
     names = [name for name, _ in events]

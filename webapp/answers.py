@@ -16,7 +16,7 @@ import time
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
@@ -73,9 +73,16 @@ def _claim(conversation_id, answer_id, message_count, now):
 
 # ---- while generating -----------------------------------------------------------------------------
 
-def flush(message_id, text):
-    """Save the text so far (and say the answer is alive); the first flush marks it 'streaming'."""
-    _update_active(message_id, content=text, status=STREAMING, heartbeat_at=utcnow())
+def flush(texts):
+    """Save the text so far of several answers ({message id: text}) in one transaction, one
+    executemany: a worker's flushes cost one commit per tick, however many answers it runs. The
+    first flush of an answer marks it 'streaming'; an answer already final is left alone."""
+    table = Message.__table__
+    db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
+                                           table.c.status.in_(ACTIVE_STATUSES))
+                       .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
+                       [{"message_id": message_id, "text": text} for message_id, text in texts.items()])
+    db.session.commit()
 
 
 def beat(message_ids):
@@ -97,12 +104,6 @@ def cancel_requested(message_ids):
     db.session.rollback()
     existing = {message_id: flagged for message_id, flagged in rows}
     return [message_id for message_id in message_ids if existing.get(message_id, True)]
-
-
-def _update_active(message_id, **values):
-    db.session.execute(update(Message).where(Message.id == message_id, Message.status.in_(ACTIVE_STATUSES))
-                       .values(**values))
-    db.session.commit()
 
 
 # ---- the end ----------------------------------------------------------------------------------------

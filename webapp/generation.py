@@ -2,7 +2,8 @@
 
 A request starts a generation and then only *follows* it. If the client goes away, the generation
 carries on and saves the whole answer. While it runs, the text so far is saved every
-STREAM_FLUSH_SECONDS (throttled, never per token) and a heartbeat every HEARTBEAT_SECONDS, so any
+STREAM_FLUSH_SECONDS (by the per-process watchdog, in one batch for every running answer, never per
+token) and a heartbeat every HEARTBEAT_SECONDS, so any
 worker or replica can replay it and tell a live generation from one whose worker died. Every write
 goes through webapp/answers.py, the owner of an answer's life in the database.
 
@@ -54,6 +55,7 @@ class Live:
         self.cancelled = False
         self.interrupted = False  # the server is shutting down, not the user pressing Stop
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
+        self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
         self._cond = threading.Condition()
 
     def append(self, text):
@@ -160,7 +162,7 @@ class _Registry:
         request_id_var.set(job.request_id or "-")
         with self.app.app_context():
             try:
-                Generation(job, live, client, self.app.config["STREAM_FLUSH_SECONDS"]).run()
+                Generation(job, live, client).run()
             finally:
                 with self._lock:
                     self._live.pop(job.message_id, None)
@@ -168,11 +170,15 @@ class _Registry:
                 db.session.remove()
 
     def _watch(self):
-        """Write heartbeats and honour Stop requests made on other workers, until idle."""
-        last_beat = 0.0
+        """While answers run here: honour Stop requests made on other workers, save every answer's
+        new text in one batch each STREAM_FLUSH_SECONDS, and write heartbeats. One task per process,
+        so the database sees one flush per tick, not one per answer."""
+        config = self.app.config
+        tick = min(WATCHDOG_TICK, config["STREAM_FLUSH_SECONDS"])
+        last_beat = last_flush = 0.0
         with self.app.app_context():
             while True:
-                time.sleep(WATCHDOG_TICK)
+                time.sleep(tick)
                 ids = self.ids()
                 if not ids:
                     with self._lock:
@@ -183,7 +189,10 @@ class _Registry:
                 try:
                     for message_id in answers.cancel_requested(ids):
                         self.abort(message_id)
-                    if time.monotonic() - last_beat >= self.app.config["HEARTBEAT_SECONDS"]:
+                    if time.monotonic() - last_flush >= config["STREAM_FLUSH_SECONDS"]:
+                        self._flush()
+                        last_flush = time.monotonic()
+                    if time.monotonic() - last_beat >= config["HEARTBEAT_SECONDS"]:
                         answers.beat(ids)
                         last_beat = time.monotonic()
                 except Exception:  # a database hiccup must not kill the watchdog
@@ -193,12 +202,21 @@ class _Registry:
                     db.session.close()
 
 
+    def _flush(self):
+        with self._lock:
+            lives = [live for live in self._live.values() if len(live.text) != live.saved and not live.done]
+        texts = {live.message_id: live.text for live in lives}
+        if texts:
+            answers.flush(texts)
+            for live in lives:
+                live.saved = len(texts[live.message_id])
+
+
 class Generation:
     """One answer being generated: stream from the LLM, flush now and then, save the outcome."""
 
-    def __init__(self, job, live, client, flush_every):
+    def __init__(self, job, live, client):
         self.job, self.live, self.client = job, live, client
-        self.flush_every = flush_every
         self.final = None
         self.started = time.monotonic()
 
@@ -225,15 +243,11 @@ class Generation:
     def _stream(self):
         stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options,
                                          abort=self.live.upstream)
-        last_flush = time.monotonic()
-        for chunk in stream:
+        for chunk in stream:  # the watchdog saves the text so far; this loop never waits on the database
             if chunk.text:
                 self.live.append(chunk.text)
             if chunk.done:
                 self.final = chunk
-            if time.monotonic() - last_flush >= self.flush_every:
-                answers.flush(self.job.message_id, self.live.text)
-                last_flush = time.monotonic()
 
     def _log(self, status, code, final):
         log.info("llm call model=%s outcome=%s%s chars=%d prompt_tokens=%s completion_tokens=%s "

@@ -15,6 +15,8 @@ from ..models import COMPLETE, FINAL_STATUSES, Conversation, Message
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
 from .validation import clean_model, clean_prompt, title_from
 
+COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
+
 
 @dataclass
 class Turn:
@@ -134,6 +136,8 @@ def follow(message_id, poll=0.3, keepalive=10.0):
         live = generations.get(message_id)
         if live is not None:
             live.wait(sent, timeout=poll)
+            if not live.done and len(live.text) > sent:
+                time.sleep(COALESCE_SECONDS)  # a few tokens per event, not one wake-up per token
             text, finished = live.text, False  # the final state is read from the row below
         else:
             message = _fresh_message(message_id)
