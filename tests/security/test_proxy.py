@@ -218,3 +218,25 @@ def test_port_80_redirects_to_https_when_a_domain_is_set(app, tmp_path):
         caddy.stop()
     assert response.status_code == 308
     assert response.headers["Location"] == "https://chat.example.com/conversations?x=1"
+
+
+def test_https_config_as_caddy_reads_it():
+    """deploy/Caddyfile.https, adapted by Caddy itself: 443 with a certificate for DOMAIN, the same
+    deadlines, no plain-HTTP listener of its own (port 80 belongs to the `proxy` service)."""
+    import json
+    adapted = subprocess.run([CADDY, "adapt", "--config", str(DEPLOY / "Caddyfile.https")],
+                             env={**os.environ, "DOMAIN": "chat.example.com"}, capture_output=True, text=True)
+    assert adapted.returncode == 0, adapted.stderr
+    config = json.loads(adapted.stdout)
+    servers = list(config["apps"]["http"]["servers"].values())
+    assert [server["listen"] for server in servers] == [[":443"]]
+    server = servers[0]
+    assert server["read_header_timeout"] == 10e9 and server["read_timeout"] == 60e9  # headers; whole request
+    assert "write_timeout" not in server
+    assert server["automatic_https"] == {"disable_redirects": True}
+    assert server["routes"][0]["match"] == [{"host": ["chat.example.com"]}]
+    policy, = config["apps"]["tls"]["automation"]["policies"]
+    assert policy["subjects"] == ["chat.example.com"]
+    assert policy["issuers"][0]["module"] == "acme"
+    proxy = json.dumps(server["routes"])
+    assert '"request_buffers": 1000000' in proxy and "response_buffers" not in proxy
