@@ -4,6 +4,7 @@ Only the listen address, the upstream address and the admin endpoint are rewritt
 is as shipped. The binary is the venv's (`caddyserver` in requirements-dev.txt, the same minor version
 as the compose file's caddy:2.11 image), else one on PATH that is new enough.
 """
+import functools
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 
 
+@functools.lru_cache(maxsize=None)
 def caddy_binary():
     """The venv's caddy (requirements-dev.txt) first, then one on PATH; None if none is new enough."""
     candidates = [Path(sys.executable).parent / "caddy", shutil.which("caddy")]

@@ -6,12 +6,16 @@ minor version as the compose file's `caddy:2.11` image); without a caddy binary 
 
 Proves the issue's slowloris finding is closed by the deployment: 50 sockets trickling headers or
 bodies leave /health answering at once through the proxy, while gunicorn itself has fewer threads
-than there are slow sockets. And that answers still stream through it token by token.
+than there are slow sockets. That answers still stream through it token by token. That a client's
+own X-Forwarded-* never reach the app (which believes the proxy's). That port 80 redirects to HTTPS
+once DOMAIN is set, and that Caddy reads Caddyfile.https as intended.
 """
 import json
 import os
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -99,6 +103,36 @@ def test_answer_streams_through_the_proxy_token_by_token(stack, ollama):
     # The first word reached the client long before the answer ended, and the words came in steps.
     assert arrivals[0] < done_at - 2.0, (arrivals, done_at)
     assert len({round(t, 1) for t in arrivals}) >= 5, arrivals
+
+
+def test_the_proxy_replaces_forwarded_headers_a_client_sends(tmp_path):
+    """The app believes X-Forwarded-* from the proxy (TRUSTED_PROXY_NETWORKS), so the proxy must not
+    pass on a client's own: gunicorn's peer is Caddy, and Caddy names the real client."""
+    class Echo(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    echo = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    caddy = Caddy(tmp_path, echo.server_address[1])
+    try:
+        seen = requests.get(caddy.url + "/", timeout=5, headers={
+            "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "evil.example", "X-Real-IP": "203.0.113.9"}).json()
+    finally:
+        caddy.stop()
+        echo.shutdown()
+        echo.server_close()
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == f"127.0.0.1:{caddy.port}" == seen["host"]
 
 
 def test_port_80_redirects_to_https_when_a_domain_is_set(tmp_path):
