@@ -22,7 +22,7 @@ RUN mkdir -p instance && chown app:app instance
 USER app
 EXPOSE 8000
 # Readiness (database reachable, migrations at head; never the LLM): 503 makes urlopen raise.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3)"
 
 # Upgrade the schema, then hand PID 1 to gunicorn so it gets the stop signal.
