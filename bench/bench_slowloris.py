@@ -22,12 +22,13 @@ os.environ.setdefault("SECRET_KEY", "bench-secret-key-long-enough-0123456789abcd
 import requests  # noqa: E402
 from flask_migrate import upgrade  # noqa: E402
 
+from webapp import create_app  # noqa: E402
+
 from caddy_server import Caddy, caddy_binary  # noqa: E402
 from live import LiveServer  # noqa: E402
 from ollama_server import FakeOllama  # noqa: E402
 from pg import TestDatabase  # noqa: E402
 from slow_clients import SlowClients  # noqa: E402
-from webapp import create_app  # noqa: E402
 
 PROBE_SECONDS, PROBE_TIMEOUT = 6.0, 3.0
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def caddy_binary():
     """The venv's caddy (requirements-dev.txt) first, then one on PATH; None if none is new enough."""
     candidates = [Path(sys.executable).parent / "caddy", shutil.which("caddy")]

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from conftest import PASSWORD, make_user
 from caddy_server import DEPLOY, Caddy, caddy_binary
+from helpers import PASSWORD, make_user
 from live import LiveServer, free_port, login, sse_events
 from slow_clients import SlowClients
 
