@@ -3,14 +3,13 @@ import logging
 import sys
 
 from flask import Flask, make_response, request
-from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from . import https
-from .auth.throttle import limiter, retry_after_seconds
+from .auth import throttle
 from .extensions import csrf, db, htmx, login_manager, migrate
 from .logs import init_request_ids, setup_logging
 
@@ -35,7 +34,7 @@ def create_app(overrides=None):
     login_manager.init_app(app)
     csrf.init_app(app)
     htmx.init_app(app)
-    limiter.init_app(app)
+    throttle.init_throttle(app)
     init_request_ids(app)
 
     from . import models  # noqa: F401  (register the tables with SQLAlchemy)
@@ -48,6 +47,8 @@ def create_app(overrides=None):
     register_cli(app)
     _register_error_handlers(app)
     https.wrap(app)
+    from .auth.setup import announce
+    announce(app)
     return app
 
 
@@ -85,13 +86,12 @@ def _register_error_handlers(app):
     from .api.errors import http_error_as_json, is_api_request
     from .web.errors import http_error_page, internal_error_page
 
-    @app.errorhandler(RateLimitExceeded)
+    @app.errorhandler(throttle.Throttled)
     def throttled(exc):
-        # Only the sign-in views are limited; the wait is the same on both doors.
+        # Sign-in, sign-up and password checks are limited; the wait is the same on both doors.
         from .api.errors import too_many_sign_ins
         from .auth.views import throttled_page
-        seconds = retry_after_seconds()
-        return too_many_sign_ins(seconds) if is_api_request() else throttled_page(seconds)
+        return too_many_sign_ins(exc.retry_after) if is_api_request() else throttled_page(exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

@@ -1,8 +1,8 @@
 """The browser door: server-rendered pages and htmx fragments, signed in with a session cookie."""
-from flask import Blueprint, flash, g, redirect, request, url_for
+from flask import Blueprint, flash, redirect, request, url_for
 
-from ..extensions import db, login_manager
-from ..models import User
+from ..auth import sessions
+from ..extensions import login_manager
 
 bp = Blueprint("web", __name__)
 
@@ -14,15 +14,8 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
 
 @login_manager.user_loader
 def load_user(session_id):
-    """Session ids are 'user_id:token_version', so a password change ends other sessions."""
-    user_id, _, version = (session_id or "").partition(":")
-    if not user_id.isdigit() or not version.isdigit():
-        return None
-    user = db.session.get(User, int(user_id))
-    if user is None or not user.is_active or user.token_version != int(version):
-        return None
-    g.user_name = user.username  # for the access log line
-    return user
+    """The cookie holds a server-side session's random token; ended sessions load nobody."""
+    return sessions.load(session_id)
 
 
 @login_manager.unauthorized_handler
@@ -42,6 +35,7 @@ def init_web(app):
     app.register_blueprint(bp)
     app.register_blueprint(auth_views.bp)
     login_manager.login_view = "auth.login"
+    sessions.init_sessions(app)
 
     @app.after_request
     def security_headers(response):
