@@ -49,7 +49,7 @@ class LiveServer:
             try:
                 requests.get(self.url + "/health", timeout=1)
                 return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a worker still booting on a busy machine
                 time.sleep(0.1)
         raise RuntimeError("server did not start in time")
 
