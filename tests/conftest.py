@@ -73,9 +73,17 @@ def _make_app(database_url, ollama_url, **overrides):
 
 def truncate(url):
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
     engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError as exc:  # a live server's worker booting mid-truncate: deadlock, retry
+            if "deadlock" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2)
     engine.dispose()
 
 

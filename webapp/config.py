@@ -87,6 +87,8 @@ def load_config():
         "ORPHAN_SWEEP_SECONDS": _float("ORPHAN_SWEEP_SECONDS", 10.0),
         "ALLOW_SIGNUP": _bool("ALLOW_SIGNUP", True),
         "MIN_PASSWORD_LENGTH": _int("MIN_PASSWORD_LENGTH", 8),
+        # Sign-ins waiting for the password-hash pool per process before 503 (0: automatic).
+        "PASSWORD_HASH_QUEUE": _int("PASSWORD_HASH_QUEUE", 0),
         # Browser sessions (and the remember-me cookie) end this many days after sign-in; at most 30.
         "REMEMBER_DAYS": min(30, max(1, _int("REMEMBER_DAYS", 14))),
         # Failed sign-ins allowed before 429 (both doors together); empty turns a limit off.

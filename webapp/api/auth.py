@@ -18,7 +18,8 @@ def login():
         if not form.get(field):
             return error_response(422, "invalid_field", f"{field} is required (form field)", field)
     attempt = throttle.sign_in(form["username"])  # before the hash; raises Throttled (429)
-    user = authenticate(form["username"], form["password"])
+    with attempt:  # a 503 (password pool full) gives the hit back
+        user = authenticate(form["username"], form["password"])
     if user is not None:
         attempt.succeeded()  # counted by outcome: a right password gives its hits back
         throttle.remember_device(user.username)

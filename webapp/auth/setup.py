@@ -32,9 +32,8 @@ def setup_token(secret_key=None):
 
 def admin_needed():
     """True while no admin exists and the setup token has not been used."""
-    has_admin = db.session.scalar(select(exists().where(User.is_admin.is_(True))))
-    claimed = db.session.get(SetupClaim, FIRST_ADMIN) is not None
-    return not has_admin and not claimed
+    return not db.session.scalar(select(exists().where(User.is_admin.is_(True))
+                                        | exists().where(SetupClaim.name == FIRST_ADMIN)))
 
 
 def claim_first_admin(user, token):

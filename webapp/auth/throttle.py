@@ -91,6 +91,17 @@ class Attempt:
             _refund(item.key_for(key))
         self.taken = []
 
+    cancel = succeeded  # the attempt never happened (the server was too busy to check it)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        from .hashing import Busy
+        if isinstance(exc, Busy):
+            self.cancel()
+        return False
+
 
 def _refund(full_key):
     storage = _limiter().storage

@@ -34,7 +34,8 @@ def login():
     if request.method == "POST":
         username = request.form.get("username", "")
         attempt = throttle.sign_in(username)  # before the hash; raises Throttled (429)
-        user = authenticate(username, request.form.get("password", ""))
+        with attempt:  # a 503 (password pool full) gives the hit back
+            user = authenticate(username, request.form.get("password", ""))
         if user is not None:
             attempt.succeeded()
             throttle.remember_device(user.username)
@@ -117,9 +118,9 @@ def register():
         else:
             try:
                 check_username(request.form.get("username", ""))
-                throttle.sign_up()  # every well-formed attempt counts: made, or the name was taken
-                user = create_user(request.form.get("username", ""), password,
-                                   setup_token=request.form.get("setup_token", "").strip() or None)
+                with throttle.sign_up():  # every well-formed attempt counts: made, or the name was taken
+                    user = create_user(request.form.get("username", ""), password,
+                                       setup_token=request.form.get("setup_token", "").strip() or None)
             except AccountError as exc:
                 error = str(exc).capitalize() + "."
             else:
@@ -147,7 +148,8 @@ def settings():
             error = "The two new passwords do not match."
         else:
             attempt = throttle.password_check(user.id)  # before the hash; raises Throttled (429)
-            checked = check_current_password(user, request.form.get("current_password", ""))
+            with attempt:
+                checked = check_current_password(user, request.form.get("current_password", ""))
             if checked is None:
                 error = "Your current password is not right."
             else:
