@@ -77,3 +77,4 @@ def test_a_burst_queues_on_the_pool_slots(watched):
     assert statuses == [401] * 12
     assert len(seen["checked_out"]) >= 12
     assert seen["most"] <= _slots()  # the others waited their turn
+
