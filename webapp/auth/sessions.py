@@ -19,7 +19,7 @@ from datetime import timedelta
 
 from flask import current_app, g, request, session
 from flask_login import login_user, user_loaded_from_cookie
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from ..extensions import db
 from ..models import User, UserSession, utcnow
@@ -44,6 +44,10 @@ def start(user, remember=False):
     token = secrets.token_urlsafe(32)
     now = utcnow()
     ip, agent = _client()
+    # Ended rows are kept a day (the settings page and logs may still refer to them), then go.
+    db.session.execute(delete(UserSession).where(
+        UserSession.user_id == user.id,
+        (UserSession.expires_at < now) | (UserSession.revoked_at < now - timedelta(days=1))))
     db.session.add(UserSession(user_id=user.id, token_hash=_hash(token), remember=bool(remember),
                                created_at=now, last_seen_at=now, expires_at=now + lifetime(),
                                ip=ip, user_agent=agent))
