@@ -126,6 +126,9 @@ def make_app(database_url, ollama):
             from webapp.extensions import db
             db.session.remove()
             db.engine.dispose()
+        limit_engine = app.extensions.get("auth_limit_engine")  # the sign-in limits' own small pool
+        if limit_engine is not None:
+            limit_engine.dispose()
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ def load_config():
         "MIN_PASSWORD_LENGTH": _int("MIN_PASSWORD_LENGTH", 8),
         # Sign-ins waiting for the password-hash pool per process before 503 (0: automatic).
         "PASSWORD_HASH_QUEUE": _int("PASSWORD_HASH_QUEUE", 0),
+        "PASSWORD_HASH_WAIT": _float("PASSWORD_HASH_WAIT", 10.0),
         # Browser sessions (and the remember-me cookie) end this many days after sign-in; at most 30.
         "REMEMBER_DAYS": min(30, max(1, _int("REMEMBER_DAYS", 14))),
         # Failed sign-ins allowed before 429 (both doors together); empty turns a limit off.
@@ -96,6 +97,10 @@ def load_config():
         "LOGIN_LIMIT_PER_ADDRESS": os.environ.get("LOGIN_LIMIT_PER_ADDRESS", "100 per hour").strip(),
         "SIGNUP_LIMIT_PER_ADDRESS": os.environ.get("SIGNUP_LIMIT_PER_ADDRESS", "5 per hour").strip(),
         "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI", "").strip() or "database://",
+        # database://'s own connections per process (apart from the request pool), and the longest a
+        # sign-in waits for one before 503 with Retry-After.
+        "LIMIT_STORE_CONNECTIONS": _int("LIMIT_STORE_CONNECTIONS", 2),
+        "LIMIT_STORE_TIMEOUT": _float("LIMIT_STORE_TIMEOUT", 5.0),
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
         # If the limit store fails (a database hiccup, a missed migration), sign-in goes on unthrottled
         # and a warning is logged (auth/throttle.py): locking everyone out would be worse than a gap.

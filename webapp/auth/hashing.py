@@ -15,7 +15,8 @@ The queue is bounded (PASSWORD_HASH_QUEUE waiting per process; 0 = automatic). W
 workers a request waiting for its hash still holds a request thread, so by default at most half of
 GUNICORN_THREADS may wait; past that, a sign-in answers 503 with Retry-After at once (and its limit
 hit is given back) instead of taking the threads signed-in people need. Under gevent a waiting
-request costs a greenlet, so the automatic bound is generous (256).
+request costs a greenlet, so the automatic bound is generous (256). Either way no sign-in waits
+longer than PASSWORD_HASH_WAIT seconds (default 10) for its turn: past that it gets the same 503.
 """
 import os
 import threading
@@ -41,6 +42,15 @@ class Busy(ServiceUnavailable):
 
     def __init__(self):
         super().__init__(retry_after=2)  # werkzeug writes the Retry-After header
+
+
+def _max_wait():
+    """Seconds a sign-in may wait for a slot before 503 (PASSWORD_HASH_WAIT, default 10)."""
+    try:
+        from flask import current_app
+        return float(current_app.config.get("PASSWORD_HASH_WAIT") or 10)
+    except RuntimeError:
+        return float(os.environ.get("PASSWORD_HASH_WAIT") or 10)
 
 
 def _queue_bound(gevent_mode):
@@ -101,7 +111,8 @@ def _call(fn, *args):
                 raise Busy()
             waiting[0] += 1
         try:
-            semaphore.acquire()
+            if not semaphore.acquire(timeout=_max_wait()):
+                raise Busy()
         finally:
             with lock:
                 waiting[0] -= 1

@@ -5,24 +5,49 @@ database, so the counted attempts are rows there (table rate_limit_hits) rather 
 process's memory or in a Redis the deployment would not otherwise need. Only the moving-window
 strategy is supported: a window is "the hits of this key in the last `expiry` seconds".
 
-Connections: every call runs on the request's own session (db.session), in a short transaction of
-its own that is committed before the view goes on; views take their limits before any password
-hash, so a request never holds one pooled connection while asking for a second (the old store
-opened its own connection after the response, which under a burst of sign-ins emptied the pool).
+Connections: the store has its own tiny pool (LIMIT_STORE_CONNECTIONS, default 2, per process),
+apart from the request pool. Under a burst every sign-in queues on these few connections (and on the
+per-key lock) without holding a connection of the request pool, so signed-in people's requests
+always find one; views take their limits before touching the request's session at all (the
+settings page closes its session first), so no request holds one pooled connection while waiting
+for another. The old store borrowed from the request pool after the response, and a burst of
+sign-ins emptied it ("QueuePool limit ... reached" for everyone). A request that cannot get a store
+connection within LIMIT_STORE_TIMEOUT seconds is answered 503 with Retry-After (throttle.py).
 
 Atomicity: `acquire_entry` (what `hit()` calls) counts and inserts under a per-key lock, so N
 simultaneous attempts against a limit of L let exactly L through: on PostgreSQL a transaction-scoped
 advisory lock on the key, on SQLite the database's single writer (the first statement is a write).
 """
 import hashlib
+import threading
 import time
 
+from flask import current_app
 from limits.storage import MovingWindowSupport, Storage
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import create_engine, delete, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..extensions import db
 from ..models import RateLimitHit
+
+_engine_lock = threading.Lock()
+ENGINE_KEY = "auth_limit_engine"
+
+
+def store_engine(app=None):
+    """This app's own small engine for the counters, made on first use (in the worker, after fork)."""
+    app = app or current_app._get_current_object()
+    engine = app.extensions.get(ENGINE_KEY)
+    if engine is None:
+        with _engine_lock:
+            engine = app.extensions.get(ENGINE_KEY)
+            if engine is None:
+                options = app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {}
+                extra = {"connect_args": options["connect_args"]} if "connect_args" in options else {}
+                engine = app.extensions[ENGINE_KEY] = create_engine(
+                    app.config["SQLALCHEMY_DATABASE_URI"], pool_size=max(1, app.config["LIMIT_STORE_CONNECTIONS"]),
+                    max_overflow=0, pool_timeout=app.config["LIMIT_STORE_TIMEOUT"], pool_pre_ping=True,
+                    **extra)
+    return engine
 
 HITS = RateLimitHit.__table__
 
@@ -31,9 +56,9 @@ def _digest(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _lock(session, digest):
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(digest[:15], 16)})
+def _lock(conn, digest):
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(digest[:15], 16)})
 
 
 class DatabaseStorage(Storage, MovingWindowSupport):
@@ -49,52 +74,42 @@ class DatabaseStorage(Storage, MovingWindowSupport):
     def acquire_entry(self, key, limit, expiry, amount=1):
         if amount > limit:
             return False
-        now, digest, session = time.time(), _digest(key), db.session
-        session.commit()  # whatever the request read so far; the hit gets a transaction of its own
-        try:
-            session.execute(delete(HITS).where(HITS.c.expires_at < now))  # indexed; keeps the table small
-            _lock(session, digest)
-            count = session.scalar(select(func.count()).where(HITS.c.key == digest, HITS.c.at > now - expiry))
+        now, digest = time.time(), _digest(key)
+        with store_engine().begin() as conn:
+            conn.execute(delete(HITS).where(HITS.c.expires_at < now))  # indexed; keeps the table small
+            _lock(conn, digest)
+            count = conn.scalar(select(func.count()).where(HITS.c.key == digest, HITS.c.at > now - expiry))
             if count + amount > limit:
-                session.commit()
                 return False
-            session.execute(insert(HITS), [{"key": digest, "at": now, "expires_at": now + expiry}] * amount)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+            conn.execute(insert(HITS), [{"key": digest, "at": now, "expires_at": now + expiry}] * amount)
         return True
 
     def refund(self, key):
         """Take back the newest hit of `key` (an attempt that turned out not to count)."""
         digest = _digest(key)
         newest = select(HITS.c.id).where(HITS.c.key == digest).order_by(HITS.c.at.desc()).limit(1).scalar_subquery()
-        try:
-            db.session.execute(delete(HITS).where(HITS.c.id == newest))
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
+        with store_engine().begin() as conn:
+            conn.execute(delete(HITS).where(HITS.c.id == newest))
 
     def get_moving_window(self, key, limit, expiry):
         now = time.time()
-        oldest, count = db.session.execute(select(func.min(HITS.c.at), func.count()).where(
-            HITS.c.key == _digest(key), HITS.c.at > now - expiry)).one()
-        db.session.rollback()
+        with store_engine().connect() as conn:
+            oldest, count = conn.execute(select(func.min(HITS.c.at), func.count()).where(
+                HITS.c.key == _digest(key), HITS.c.at > now - expiry)).one()
         return (oldest, count) if count else (now, 0)
 
     def check(self):
-        db.session.execute(select(1))
+        with store_engine().connect() as conn:
+            conn.execute(select(1))
         return True
 
     def clear(self, key):
-        db.session.execute(delete(HITS).where(HITS.c.key == _digest(key)))
-        db.session.commit()
+        with store_engine().begin() as conn:
+            conn.execute(delete(HITS).where(HITS.c.key == _digest(key)))
 
     def reset(self):
-        count = db.session.execute(delete(HITS)).rowcount
-        db.session.commit()
-        return count
+        with store_engine().begin() as conn:
+            return conn.execute(delete(HITS)).rowcount
 
     # Fixed-window counters are not used (the limiter runs the moving-window strategy).
     def incr(self, key, expiry, amount=1):

@@ -31,7 +31,7 @@ Who is limited, and why not one wall per address
   given back.
 
 The counters live in RATELIMIT_STORAGE_URI: `database://` (the default) keeps them in the app's own
-database (limit_store.py), so every worker and replica counts together; `memory://` counts per worker
+database (limit_store.py, on a small pool of its own), so every worker and replica counts together; `memory://` counts per worker
 process. If the store fails (a database hiccup, a missed migration) the limit fails open: the
 attempt goes on unthrottled and a warning goes to the app's log. Locking everyone out because a
 counter table is missing would be worse than a brief gap in the limit.
@@ -47,7 +47,10 @@ from limits import parse_many
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 from . import limit_store  # noqa: F401  (registers the database:// storage with `limits`)
+from .hashing import Busy
 
 log = logging.getLogger("webapp.auth.throttle")
 DEVICE_COOKIE = "device"
@@ -122,10 +125,13 @@ def take(pairs, kind):
     for item, key in pairs:
         try:
             allowed = limiter.hit(item, key)
+        except PoolTimeout:
+            # The store's few connections are all busy (a burst): answer 503, count nothing.
+            Attempt(taken).cancel()
+            raise Busy() from None
         except Exception as exc:  # noqa: BLE001
             log.warning("limit store failed (%s: %s); %s attempts are not throttled until it works again",
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "", kind)
-            _rollback()
             continue
         if not allowed:
             Attempt(taken).succeeded()  # the hits taken from the other limits go back
@@ -134,19 +140,10 @@ def take(pairs, kind):
     return Attempt(taken)
 
 
-def _rollback():
-    from ..extensions import db
-    try:
-        db.session.rollback()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _retry_after(item, key):
     try:
         reset = _limiter().get_window_stats(item, key).reset_time
     except Exception:  # noqa: BLE001
-        _rollback()
         return 60
     return max(1, math.ceil(reset - time.time()))
 
@@ -202,7 +199,10 @@ def sign_up():
 
 
 def password_check(user_id):
-    """The settings page's current-password check, per account."""
+    """The settings page's current-password check, per account. The request's session is closed
+    first (its connection goes back), so it never holds one connection while waiting for another."""
+    from ..extensions import db
+    db.session.close()
     return take([(item, f"password-check|{user_id}") for item in _items("LOGIN_LIMIT_PER_USER")], "password")
 
 
