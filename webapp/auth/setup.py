@@ -56,8 +56,11 @@ def announce(app):
         return
     try:
         with app.app_context():
-            needed = admin_needed()
-            db.session.remove()
+            try:
+                needed = admin_needed()
+            finally:
+                db.session.remove()
+                db.engine.dispose()  # no connection kept from start-up (safe with gunicorn --preload)
     except SQLAlchemyError:
         return  # no tables yet (`flask db upgrade` itself starts the app)
     if needed:
