@@ -1,7 +1,6 @@
 """Bursts against sign-in and sign-up on the live app (gunicorn, two workers): limits hold exactly,
 nothing answers 5xx, and signed-in people are not starved. Timings are printed for bench/."""
 import concurrent.futures as futures
-import re
 import statistics
 import threading
 import time
