@@ -51,6 +51,7 @@ class LiveServer:
                 return self
             except (requests.ConnectionError, requests.Timeout):  # a worker still booting on a busy machine
                 time.sleep(0.1)
+        self.kill()  # never leave a half-started server behind
         raise RuntimeError("server did not start in time")
 
     def kill(self):
