@@ -49,8 +49,9 @@ class LiveServer:
             try:
                 requests.get(self.url + "/health", timeout=1)
                 return self
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still importing
+            except (requests.ConnectionError, requests.Timeout):  # a worker still booting on a busy machine
                 time.sleep(0.1)
+        self.kill()  # never leave a half-started server behind
         raise RuntimeError("server did not start in time")
 
     def kill(self):
