@@ -4,7 +4,7 @@ openapi-spec-validator, validate real answers with openapi-core, and build a cli
 openapi-python-client. Every operation has an operationId (generated clients name their functions
 after it) and documents 405; streams are `text/event-stream` strings whose grammar is in the
 description (OpenAPI 3.1 cannot type the events themselves), with each event's data schema in
-`x-sse-events` and under components."""
+`x-sse-event` and under components."""
 import copy
 
 from flask import jsonify, request
@@ -45,13 +45,15 @@ done    = "event: done"  LF "data: " TurnResult LF LF    ; status complete or ca
 error   = "event: error" LF "data: " TurnResult LF LF    ; the answer failed; `error` says why
 ```
 
-The schemas are under `components/schemas` (and named per event in `x-sse-events`)."""
-SSE_EVENTS = {"start": {"$ref": "#/components/schemas/StreamStart"},
-              "token": {"$ref": "#/components/schemas/StreamToken"},
-              "done": {"$ref": "#/components/schemas/TurnResult"},
-              "error": {"$ref": "#/components/schemas/TurnResult"}}
+Each event's data schema is under `components/schemas`, and `x-sse-event` is the JSON Schema of one
+parsed event (`event`, `data`, and `id`/`retry` when sent), for tools that check events one by one."""
+SSE_EVENTS = {"start": "StreamStart", "token": "StreamToken", "done": "TurnResult", "error": "TurnResult"}
+SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"const": name}, "id": {"type": "string"}, "retry": {"type": "integer"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(schema)}}}
+    for name, schema in SSE_EVENTS.items()]}
 SSE_MEDIA = {"text/event-stream": {"schema": {"type": "string", "description": SSE_GRAMMAR},
-                                   "x-sse-events": SSE_EVENTS}}
+                                   "x-sse-event": SSE_EVENT}}
 SSE = {"description": "The answer as Server-Sent Events:\n\n" + SSE_GRAMMAR, "content": SSE_MEDIA}
 METHOD_NOT_ALLOWED = _json(_ref("Error"), "This path does not take this method; `Allow` lists those it takes")
 METHOD_NOT_ALLOWED["headers"] = {"Allow": {"schema": {"type": "string"}, "description": "e.g. `GET, POST`"}}
