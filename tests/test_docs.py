@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from conftest import PASSWORD, make_user
-from live import LiveServer
-from test_browser import chromium  # noqa: F401  (the module's Debian Chromium fixture)
+from helpers import PASSWORD, sign_in
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,22 +41,13 @@ def test_docs_page_gets_its_own_policy_and_every_other_page_keeps_the_strict_one
 
 
 def test_settings_and_readme_link_to_the_docs(client, user):
-    from test_web_pages import sign_in
     sign_in(client)
     assert 'href="/docs"' in client.get("/settings").get_data(as_text=True)
     assert "/docs" in (ROOT / "README.md").read_text()
 
 
 @pytest.fixture
-def server(app, ollama, database_url):
-    make_user(app)
-    live = LiveServer(database_url, ollama.url).start()
-    yield live
-    live.stop()
-
-
-@pytest.fixture
-def docs_page(chromium, server):  # noqa: F811
+def docs_page(chromium, server):
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.problems = []

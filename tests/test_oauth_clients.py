@@ -4,13 +4,13 @@ a token with the right password and raise their own specific errors for each fai
 they get works on the API."""
 import pytest
 import requests
-from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
 from authlib.integrations.base_client import OAuthError
+from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
 from oauthlib.oauth2 import BackendApplicationClient, LegacyApplicationClient
 from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 from requests_oauthlib import OAuth2Session
 
-from conftest import PASSWORD, both_databases, make_user
+from helpers import PASSWORD, both_databases, make_user
 from live import LiveServer
 
 pytestmark = both_databases

@@ -14,7 +14,7 @@ from openapi_spec_validator import validate as validate_spec
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from conftest import PASSWORD, make_user
+from helpers import PASSWORD, make_user
 from live import LiveServer
 
 METHODS = {"get", "post", "patch", "delete", "put"}
@@ -210,8 +210,17 @@ def test_a_generated_client_signs_in_chats_lists_and_gets_typed_failures(generat
                                                                         database_url):
     from llm_client import AuthenticatedClient, Client
     from llm_client.api.default import chat_turn, create_conversation, list_conversations, login, stream_message
-    from llm_client.models import (ChatRequest, ConversationChange, Error, LoginBody, Token, TokenError,
-                                   TokenErrorError, TurnResult, TurnResultStatus)
+    from llm_client.models import (
+        ChatRequest,
+        ConversationChange,
+        Error,
+        LoginBody,
+        Token,
+        TokenError,
+        TokenErrorError,
+        TurnResult,
+        TurnResultStatus,
+    )
     make_user(app)
     server = LiveServer(database_url, ollama.url).start()
     try:

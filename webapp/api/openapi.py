@@ -121,7 +121,8 @@ SPEC = {
             "Message": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "role": {"type": "string", "enum": ["system", "user", "assistant"]},
                 "content": {"type": "string"},
-                "status": {"type": "string", "enum": ["pending", "streaming", "complete", "error", "cancelled", "interrupted"]},
+                "status": {"type": "string",
+                           "enum": ["pending", "streaming", "complete", "error", "cancelled", "interrupted"]},
                 "model": {"type": ["string", "null"]}, "usage": _ref("Usage")}},
             "Conversation": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "model": {"type": "string"},
@@ -218,16 +219,21 @@ SPEC = {
                 **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
         "/conversations/{conversation_id}/messages/{message_id}": {
             "parameters": [CONVERSATION_ID, MESSAGE_ID],
-            "get": {"operationId": "getMessage", "summary": "One message", "responses": {"200": _json(_ref("Message")), **_errors("401", "404")}}},
+            "get": {"operationId": "getMessage", "summary": "One message",
+                    "responses": {"200": _json(_ref("Message")), **_errors("401", "404")}}},
         "/conversations/{conversation_id}/messages/{message_id}/stream": {
             "parameters": [CONVERSATION_ID, MESSAGE_ID],
-            "get": {"operationId": "streamMessage", "summary": "Re-attach: replay the answer so far, then follow it to the end",
+            "get": {"operationId": "streamMessage",
+                    "summary": "Re-attach: replay the answer so far, then follow it to the end",
                     "responses": {"200": SSE, **_errors("401", "404")}}},
-        "/models": {"get": {"operationId": "listModels", "summary": "Models on the LLM server (cached briefly)", "responses": {
+        "/models": {"get": {"operationId": "listModels", "summary": "Models on the LLM server (cached briefly)",
+                            "responses": {
             "200": _json({"type": "object"}), **_errors("401", "503")}}},
-        "/health": {"get": {"operationId": "health", "summary": "Liveness: the app answers (never asks the LLM or the database)",
+        "/health": {"get": {"operationId": "health",
+                            "summary": "Liveness: the app answers (never asks the LLM or the database)",
                             "security": [], "responses": {"200": _json({"type": "object"})}}},
-        "/ready": {"get": {"operationId": "ready", "summary": "Readiness: the database answers and is migrated to head; the LLM's "
+        "/ready": {"get": {"operationId": "ready",
+                           "summary": "Readiness: the database answers and is migrated to head; the LLM's "
                                       "state is reported but never makes the app unready", "security": [],
                            "responses": {"200": _json({"type": "object"}),
                                          "503": _json({"type": "object"}, "Not ready: `Retry-After`")}}},
