@@ -113,6 +113,7 @@ def test_openapi_core_finds_every_operations_real_answers_valid(make_app, ollama
     check = Checker(spec)
     check(("/openapi.json", "get"), client.get("/openapi.json"), 200)
     check(("/health", "get"), client.get("/health"), 200)
+    check(("/ready", "get"), client.get("/ready"), 200)
 
     login = ("/auth/login", "post")
     token = check(login, client.post("/auth/login", data={"username": "alice", "password": PASSWORD}), 200)
