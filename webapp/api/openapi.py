@@ -158,7 +158,8 @@ SPEC = {
                                                               "waiting; retry after `Retry-After` seconds"),
                                   "headers": {"Retry-After": {"schema": {"type": "integer"}}}}}}},
         "/auth/logout-all": {"post": {
-            "operationId": "logoutAll", "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
+            "operationId": "logoutAll",
+            "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
             "responses": {"204": {"description": "Signed out everywhere; sign in again for a new token"},
                           **_errors("401")}}},
         "/auth/revoke": {"post": {
