@@ -63,6 +63,7 @@ class FakeOllama:
 
     def reset(self):
         self._script = dict(DEFAULT_SCRIPT)
+        self.connections = 0  # TCP connections accepted since the last reset (keep-alive reuses one)
         self.requests = []
         self.events = []
         self._event_added = threading.Condition()
@@ -117,6 +118,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # keep test output clean
         pass
+
+    def setup(self):
+        super().setup()
+        with self.server_state._lock:
+            self.server_state.connections += 1
 
     # -- plumbing --------------------------------------------------------------------------------
 
