@@ -104,6 +104,11 @@ def load_config():
         "REMEMBER_COOKIE_SAMESITE": "Lax",
         "WTF_CSRF_TIME_LIMIT": None,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # The database connection budget of each worker process (see webapp/capacity.py): a request
+        # that cannot get a connection within DB_POOL_TIMEOUT seconds is answered 503 + Retry-After.
+        "DB_POOL_SIZE": _int("DB_POOL_SIZE", 10),
+        "DB_MAX_OVERFLOW": _int("DB_MAX_OVERFLOW", 0),
+        "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 1.0),
     }
     # Refuse huge bodies before parsing them: room for the longest prompt in 4-byte UTF-8, plus JSON.
     config["MAX_CONTENT_LENGTH"] = config["MAX_PROMPT_CHARS"] * 4 + 64 * 1024

@@ -61,7 +61,7 @@ def main():
     env.update(choose_backend(env))
     env.setdefault("PORT", "8000")
     print(f"Serving on http://localhost:{env['PORT']}  (Ctrl+C to stop)", flush=True)
-    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:webapp.gunicorn_conf",
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "webapp/gunicorn_conf.py",
                                  "webapp:create_app()"], cwd=ROOT, env=env)
     try:
         sys.exit(gunicorn.wait())
