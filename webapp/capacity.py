@@ -32,9 +32,10 @@ import sqlite3
 import sys
 import time
 
-from flask import request
+from flask import g, has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import QueuePool
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,33 @@ BUSY_MESSAGE = "the server is at capacity right now; retry in a moment"
 SQLITE_BUSY_TIMEOUT = 1.0      # seconds sqlite3 may wait in C (blocking the worker): opening/closing WAL only
 SQLITE_LOCK_TIMEOUT = 30.0     # seconds a writer waits, cooperatively, for the write lock
 WRITE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+BACKGROUND_POOL_TIMEOUT = 30.0  # seconds: generations, watchdog, sweeper, and streams already answering
+
+
+# SQLAlchemy names a pool's logger after its class; ours would land in the app's INFO log.
+logging.getLogger(f"{__name__}.BudgetPool").setLevel(logging.WARNING)
+
+
+class BudgetPool(QueuePool):
+    """The per-worker pool. Only a request that has not answered yet waits the short DB_POOL_TIMEOUT
+    (it can still say 503); background work (saving an answer, heartbeats, the orphan sweep) and a
+    stream whose 200 is already sent have nobody to say 503 to, so they wait longer rather than fail
+    an answer during a burst. Decided per checkout, in the greenlet or thread that asks."""
+
+    @property
+    def _timeout(self):
+        if has_request_context() and not g.get("_capacity_answered"):
+            return self._request_timeout
+        return max(self._request_timeout, BACKGROUND_POOL_TIMEOUT)
+
+    @_timeout.setter
+    def _timeout(self, value):
+        self._request_timeout = value
+
+    def recreate(self):
+        pool = super().recreate()
+        pool._timeout = self._request_timeout
+        return pool
 
 
 def engine_options(config):
@@ -52,6 +80,7 @@ def engine_options(config):
     options["pool_size"] = config["DB_POOL_SIZE"]
     options["max_overflow"] = config["DB_MAX_OVERFLOW"]
     options["pool_timeout"] = config["DB_POOL_TIMEOUT"]
+    options["poolclass"] = BudgetPool
     if config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         connect_args = dict(options.get("connect_args") or {})
         connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT)
@@ -72,6 +101,18 @@ def init_app(app):
     from .extensions import db
     with app.app_context():
         install_sqlite_write_gate(db.engine)
+
+    @app.before_request
+    def read_the_body_first():
+        """Take the whole (size-limited) body before any view touches the database: a client
+        trickling its body must wait on its own, not while holding one of the worker's connections."""
+        if request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            request.get_data(cache=True)
+
+    @app.after_request
+    def answered(response):
+        g._capacity_answered = True  # from here on a streamed body is being sent: too late for a 503
+        return response
 
     @app.errorhandler(PoolTimeout)
     def database_busy(exc):
