@@ -38,9 +38,9 @@ class LiveServer:
 
     def start(self):
         self.log = open(f"/tmp/live-server-{self.port}.log", "w")
+        from webapp.launch import gunicorn_command  # exactly what `make run` starts
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "webapp/gunicorn_conf.py", "--bind",
-             f"127.0.0.1:{self.port}", "webapp:create_app()"],
+            gunicorn_command() + ["--bind", f"127.0.0.1:{self.port}"],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
