@@ -21,8 +21,9 @@ RUN mkdir -p instance && chown app:app instance
 
 USER app
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+# Readiness (database reachable, migrations at head; never the LLM): 503 makes urlopen raise.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3)"
 
 # Upgrade the schema, then hand PID 1 to gunicorn so it gets the stop signal.
 CMD ["sh", "-c", "flask db upgrade && exec gunicorn -c webapp/gunicorn_conf.py 'webapp:create_app()'"]

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export FLASK_APP := webapp
 
-.PHONY: run test install install-dev install-llm clean
+.PHONY: run test lint install install-dev install-llm audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,24 @@ run: install .env
 	$(BIN)/flask db upgrade
 	$(BIN)/python -m webapp.launch
 
-test: install-dev install-llm
+# The linter and the import contracts first (seconds), then the whole suite.
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: install-dev install-llm lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Known vulnerabilities in the pinned runtime requirements and everything they pull in (advisories
+# from PyPI's JSON API; AUDIT_ARGS="--vulnerability-service osv" for OSV). --strict: a package it
+# could not look up fails the audit instead of passing as "no known vulnerabilities". Not part of
+# `make test` or CI: it needs more than the package index, and its answer changes as advisories are
+# published. pip-audit lives in a venv of its own so it never changes the app's.
+AUDIT_VENV ?= .venv-audit
+audit:
+	@test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && \
+		$(AUDIT_VENV)/bin/pip install --quiet pip-audit==2.10.1; }
+	$(AUDIT_VENV)/bin/pip-audit --strict -r requirements.txt $(AUDIT_ARGS)
+
 clean:
-	rm -rf $(VENV) instance .pytest_cache
+	rm -rf $(VENV) $(AUDIT_VENV) instance .pytest_cache

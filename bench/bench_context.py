@@ -13,9 +13,9 @@ import time
 from common import bench_user, fresh_app  # noqa: E402  (also puts the project on sys.path)
 from sqlalchemy import insert, text  # noqa: E402
 
-from webapp.chat import build_context  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Conversation, Message  # noqa: E402
+from webapp.service import build_context  # noqa: E402
 
 
 def seed(user_id, count):
@@ -50,7 +50,8 @@ def main():
         for count in (10, 10_000):
             conversation = seed(user.id, count)
             median, p95 = timed(conversation)
-            print(f"{url.split(':')[0]:<20} {count:>6} messages: build_context median {median:.2f} ms, p95 {p95:.2f} ms")
+            print(f"{url.split(':')[0]:<20} {count:>6} messages: "
+                  f"build_context median {median:.2f} ms, p95 {p95:.2f} ms")
 
 
 if __name__ == "__main__":

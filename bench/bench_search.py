@@ -16,9 +16,9 @@ import time
 from common import bench_user, fresh_app  # noqa: E402  (also puts the project on sys.path)
 from sqlalchemy import insert, text  # noqa: E402
 
-from webapp.chat import list_conversations  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Conversation, Message  # noqa: E402
+from webapp.service import list_conversations  # noqa: E402
 
 WORDS = ("model answer context token stream python database question reply system prompt window "
          "cluster replica worker thread socket").split()

@@ -21,11 +21,12 @@ import psycopg  # noqa: E402
 import requests  # noqa: E402
 from flask_migrate import upgrade  # noqa: E402
 
+from webapp import create_app  # noqa: E402
+from webapp.auth.passwords import create_user  # noqa: E402
+
 from live import LiveServer, login, sse_events  # noqa: E402
 from ollama_server import FakeOllama  # noqa: E402
 from pg import TestDatabase  # noqa: E402
-from webapp import create_app  # noqa: E402
-from webapp.auth.passwords import create_user  # noqa: E402
 
 TOKENS, GAP = 100, 0.02
 
@@ -100,7 +101,8 @@ def main():
         print(f"  one stream alone: time to first token {statistics.median(r[0] for r in single) * 1000:.0f} ms "
               f"(direct from the model: {direct_first * 1000:.0f} ms)")
         print(f"  time to first token under the burst: "
-              f"median {statistics.median(firsts) * 1000:.0f} ms, p95 {firsts[int(len(firsts) * .95) - 1] * 1000:.0f} ms")
+              f"median {statistics.median(firsts) * 1000:.0f} ms, "
+              f"p95 {firsts[int(len(firsts) * .95) - 1] * 1000:.0f} ms")
         print(f"  whole answer: median {statistics.median(totals):.2f} s, max {totals[-1]:.2f} s")
         if database:
             print(f"  PostgreSQL connections of the app: {peak[0] - 1} open at peak (the two workers' pools), "

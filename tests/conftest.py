@@ -4,11 +4,13 @@ The PostgreSQL schema is made once per run by the migrations themselves (`flask 
 every test starts from empty tables, so tests are isolated and the migrations are exercised.
 """
 import os
-import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from helpers import build_app, login_token, make_user, wait_idle
+from live import LiveServer
 from ollama_server import FakeOllama
 from pg import TestDatabase
 
@@ -16,7 +18,8 @@ os.environ.pop("DATABASE_URL", None)  # never let a developer's .env point the s
 os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
 
 TABLES = ("messages", "conversations", "users", "rate_limit_hits")
-PASSWORD = "correct horse battery"
+
+
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +33,7 @@ def pg_database():
 def pg_url(pg_database):
     """The session's PostgreSQL database, upgraded to the newest migration."""
     from flask_migrate import upgrade
-    app = _make_app(pg_database.url, "http://127.0.0.1:9")
+    app = build_app(pg_database.url, "http://127.0.0.1:9")
     with app.app_context():
         upgrade()
     return pg_database.url
@@ -50,25 +53,6 @@ def ollama(fake_ollama):
     fake_ollama.reset()
 
 
-def _make_app(database_url, ollama_url, **overrides):
-    from webapp import create_app
-    config = {
-        "TESTING": True,
-        "SQLALCHEMY_DATABASE_URI": database_url,
-        "OLLAMA_URL": ollama_url,
-        "LLM_BACKEND": "ollama",
-        "DEFAULT_MODEL": "tinyllama",
-        "LLM_CONNECT_TIMEOUT": 1.0,
-        "LLM_READ_TIMEOUT": 2.0,
-        "OLLAMA_LOAD_TIMEOUT": 2.0,
-        "STREAM_FLUSH_SECONDS": 0.05,
-        "HEARTBEAT_SECONDS": 0.2,
-        "STALE_AFTER_SECONDS": 2.0,
-        "MODELS_CACHE_SECONDS": 0.0,
-        "WTF_CSRF_ENABLED": True,
-    }
-    config.update(overrides)
-    return create_app(config)
 
 
 def truncate(url):
@@ -83,7 +67,7 @@ def sqlite_url(tmp_path):
     """A migrated SQLite file of its own for one test."""
     from flask_migrate import upgrade
     url = f"sqlite:///{tmp_path / 'test.db'}"
-    app = _make_app(url, "http://127.0.0.1:9")
+    app = build_app(url, "http://127.0.0.1:9")
     with app.app_context():
         upgrade()
     return url
@@ -100,15 +84,12 @@ def database_url(request, tmp_path):
     yield url
 
 
-both_databases = pytest.mark.parametrize("database_url", ["postgresql", "sqlite"], indirect=True)
-
-
 @pytest.fixture
 def make_app(database_url, ollama):
     apps = []
 
     def factory(**overrides):
-        app = _make_app(database_url, ollama.url, **overrides)
+        app = build_app(database_url, ollama.url, **overrides)
         apps.append(app)
         return app
     yield factory
@@ -125,35 +106,14 @@ def app(make_app):
     return make_app()
 
 
-def wait_idle(app, timeout=10.0):
-    """Let background generations finish before the tables are emptied for the next test."""
-    registry = app.extensions.get("generations")
-    deadline = time.monotonic() + timeout
-    while registry is not None and registry.ids() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def client(app):
     return app.test_client()
 
 
-def make_user(app, username="alice", password=PASSWORD, **kwargs):
-    from webapp.auth.passwords import create_user
-    with app.app_context():
-        user = create_user(username, password, **kwargs)
-        return user.id
-
-
 @pytest.fixture
 def user(app):
     return make_user(app)
-
-
-def login_token(client, username="alice", password=PASSWORD):
-    response = client.post("/auth/login", data={"username": username, "password": password})
-    assert response.status_code == 200, response.get_data(as_text=True)
-    return response.get_json()["access_token"]
 
 
 @pytest.fixture
@@ -164,3 +124,52 @@ def token(client, user):
 @pytest.fixture
 def auth(token):
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def browser(client, user):
+    """A signed-in browser session (test client) and its CSRF token."""
+    from helpers import sign_in
+    client.csrf = sign_in(client)
+    return client
+
+
+# ---- real Chromium (Debian's), driven by Playwright, against gunicorn ------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server(app, ollama, database_url):
+    make_user(app)
+    live = LiveServer(database_url, ollama.url, workers=2).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def page(chromium, server):
+    context = chromium.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.dialogs = []
+    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.accept()))
+    page.console = []
+    page.on("console", lambda message: page.console.append(message.text))
+    page.base = server.url
+    yield page
+    context.close()
+    # Every file a page asks for exists (stylesheets, scripts, the icon browsers fetch by themselves).
+    assert not [m for m in page.console if "404" in m], page.console

@@ -11,12 +11,12 @@ the client receives half a character in one read and the rest in the next.
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 
-from ollama_server import serve
-
 from webapp.local_llm import ALIAS, gguf_path  # noqa: E402
+
+from ollama_server import serve
 
 MODEL_NAME = ALIAS + ":latest"
 
@@ -118,4 +118,4 @@ def _inside_a_character(data):
 
 
 def _now():
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")

@@ -7,13 +7,13 @@ an error line mid-stream, a stall, a cut connection, a slow model load). It reco
 and notices when a client closes its connection, which is how tests see that Stop reached it.
 """
 import json
-from contextlib import contextmanager
 import re
 import select
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -47,7 +47,6 @@ class FakeOllama:
         self.url = None
         self._server = None
         self._lock = threading.Lock()
-        self._active = 0
         self.reset()
 
     # -- control -------------------------------------------------------------------------------
@@ -89,9 +88,6 @@ class FakeOllama:
         with self._event_added:
             self._event_added.wait_for(found, timeout)
             return found()
-
-    def active_streams(self):
-        return self._active
 
     def resolve(self, name):
         """Ollama adds ':latest' to a name without a tag."""
@@ -302,19 +298,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     @contextmanager
     def _streaming(self, content_type, model):
-        """Start a chunked 200 answer and keep the books: events, the count of open streams."""
+        """Start a chunked 200 answer and record it (and a client that hangs up) as events."""
         fake = self.server_state
         fake.record("chat_start", model=model)
-        with fake._lock:
-            fake._active += 1
         try:
             self._start_stream(content_type)
             yield
         except ClientGone:
             fake.record("client_closed", chunks_sent=-1)
-        finally:
-            with fake._lock:
-                fake._active -= 1
 
     # -- /api/chat --------------------------------------------------------------------------------
 
@@ -407,7 +398,7 @@ def _final_counters(request, script, chunks):
 
 
 def _now():
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _tag(name):

@@ -3,7 +3,7 @@ import time
 
 import jwt
 
-from conftest import both_databases, login_token
+from helpers import both_databases, login_token
 
 pytestmark = both_databases
 
@@ -82,7 +82,7 @@ def test_wrong_method_says_which_are_allowed(client):
 
 
 def test_revoke_ends_every_token_and_browser_session(app, client, user):
-    from test_web_pages import sign_in
+    from helpers import sign_in
     first, second = login_token(client), login_token(client)
     browser = app.test_client()
     sign_in(browser)

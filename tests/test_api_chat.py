@@ -3,7 +3,7 @@ import logging
 
 from sqlalchemy import select
 
-from conftest import both_databases, login_token, make_user
+from helpers import both_databases, login_token, make_user
 
 pytestmark = both_databases
 

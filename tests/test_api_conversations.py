@@ -1,7 +1,7 @@
 """The conversation endpoints, ownership on every id, the context window and regenerate."""
 import pytest
 
-from conftest import both_databases, login_token, make_user
+from helpers import both_databases, login_token, make_user
 
 pytestmark = both_databases
 
@@ -154,10 +154,38 @@ def test_models_listing_and_ollama_down(make_app, ollama):
     assert "cannot reach the model server" in response.get_json()["error"]["message"]
 
 
-def test_health_reports_llm_reachability(make_app):
-    assert make_app().test_client().get("/health").get_json()["llm"]["reachable"] is True
-    down = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client().get("/health").get_json()
-    assert down["status"] == "degraded" and down["llm"]["reachable"] is False
+def test_health_is_liveness_and_never_calls_the_llm(make_app, ollama):
+    down = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client().get("/health")
+    assert down.status_code == 200 and down.get_json() == {"status": "ok"}
+    before = len(ollama.requests)
+    assert make_app().test_client().get("/health").status_code == 200
+    assert len(ollama.requests) == before
+
+
+def test_ready_is_the_database_at_head_and_reports_the_llm(make_app):
+    response = make_app().test_client().get("/ready")
+    assert response.status_code == 200 and response.get_json()["llm"]["reachable"] is True
+    down = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client().get("/ready")
+    assert down.status_code == 200  # the model server being down never makes the app unready
+    assert down.get_json()["status"] == "ready" and down.get_json()["llm"]["reachable"] is False
+
+
+def test_ready_is_503_when_migrations_are_behind(make_app):
+    from sqlalchemy import text
+
+    from webapp.extensions import db
+    app = make_app()
+    with app.app_context():
+        db.session.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+        db.session.commit()
+    try:
+        response = app.test_client().get("/ready")
+        assert response.status_code == 503 and "migrations" in response.get_json()["database"]
+    finally:
+        with app.app_context():
+            from webapp.readiness import head_revision
+            db.session.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head_revision()})
+            db.session.commit()
 
 
 @pytest.mark.parametrize("path", ["/nope", "/conversations/abc"])
@@ -203,10 +231,10 @@ def test_model_list_is_cached_briefly(make_app, ollama):
     assert sum(1 for r in ollama.requests if r["path"] == "/api/tags") == 1
 
 
-def test_health_does_not_reveal_the_llm_address(make_app):
-    body = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client().get("/health").get_data(as_text=True)
+def test_readiness_does_not_reveal_the_llm_address(make_app):
+    body = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client().get("/ready").get_data(as_text=True)
     assert "127.0.0.1:9" not in body
-    body = make_app().test_client().get("/health").get_data(as_text=True)
+    body = make_app().test_client().get("/ready").get_data(as_text=True)
     assert "127.0.0.1" not in body
 
 

@@ -8,8 +8,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from conftest import login_token
 from webapp.api.openapi import SPEC
+
+from helpers import login_token
 
 # The same examples on every run, so CI is repeatable; FUZZ_RANDOM=1 FUZZ_EXAMPLES=500 to hunt further.
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))

@@ -3,85 +3,19 @@ PostgreSQL and the Ollama-protocol test server. Screenshots land in tests/artifa
 import http.server
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from conftest import PASSWORD, make_user
-from live import LiveServer
+from helpers import PASSWORD, ask, last_answer, shoot, sign_in_page
 
 pytestmark = pytest.mark.browser
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPLY = "Here is **a list**:\n\n- one\n- two\n- three\n\n```python\nprint('hello')\n```\n\nThat is all for now, friend."
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def server(app, ollama, database_url):
-    make_user(app)
-    live = LiveServer(database_url, ollama.url, workers=2).start()
-    yield live
-    live.stop()
-
-
-@pytest.fixture
-def page(chromium, server):
-    context = chromium.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.dialogs = []
-    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.accept()))
-    page.console = []
-    page.on("console", lambda message: page.console.append(message.text))
-    page.base = server.url
-    yield page
-    context.close()
-    # Every file a page asks for exists (stylesheets, scripts, the icon browsers fetch by themselves).
-    assert not [m for m in page.console if "404" in m], page.console
-
-
-def sign_in(page, username="alice", password=PASSWORD, screenshot=None):
-    page.goto(page.base + "/")
-    expect(page).to_have_url(page.base + "/login?next=/")
-    if screenshot:
-        shoot(page, screenshot)
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#prompt")).to_be_visible()
-
-
-def ask(page, prompt):
-    page.wait_for_selector("html[data-js-ready]", state="attached")  # Enter is handled by app.js
-    page.locator("#prompt").fill(prompt)
-    page.locator("#prompt").press("Enter")
-
-
-def last_answer(page):
-    return page.locator("article.message.assistant").last
-
-
-def shoot(page, name):
-    ARTIFACTS.mkdir(exist_ok=True)
-    time.sleep(0.3)  # let the sidebar's slide transition finish
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
 
 def test_chat_streams_in_steps_and_survives_reload(page, ollama):
     ollama.script(reply=REPLY, delay=0.12)
-    sign_in(page)
+    sign_in_page(page)
     ask(page, "Show me a list")
     expect(page.locator("article.message.user").last).to_contain_text("Show me a list")
     answer = last_answer(page)
@@ -118,7 +52,7 @@ def test_chat_streams_in_steps_and_survives_reload(page, ollama):
 
 def test_stop_closes_the_model_connection(page, ollama):
     ollama.script(reply="word " * 60, delay=0.2)
-    sign_in(page)
+    sign_in_page(page)
     ask(page, "Talk for a long time")
     answer = last_answer(page)
     expect(answer.locator(".text")).to_contain_text("word", timeout=5000)
@@ -132,7 +66,7 @@ def test_stop_closes_the_model_connection(page, ollama):
 
 def test_retry_after_ollama_failure(page, ollama):
     ollama.script(fail="status", status=500)
-    sign_in(page, screenshot="signin-desktop-light")
+    sign_in_page(page, screenshot="signin-desktop-light")
     ask(page, "Will this work?")
     expect(last_answer(page)).to_contain_text("The model server failed while answering.")
     shoot(page, "error-desktop-light")
@@ -143,7 +77,7 @@ def test_retry_after_ollama_failure(page, ollama):
 
 
 def test_rename_search_delete_and_sign_out(page, ollama):
-    sign_in(page)
+    sign_in_page(page)
     ask(page, "about penguins")
     expect(last_answer(page).locator(".stats")).to_be_visible()
     page.locator("a.new-chat").click()
@@ -202,7 +136,7 @@ def test_hostile_model_output_does_nothing(page, ollama):
                f"<a href=\"javascript:alert(4)\">raw link</a> and <b onmouseover=alert(5)>bold</b>")
     ollama.script(chunks=[hostile[i:i + 7] for i in range(0, len(hostile), 7)], delay=0.01)
     try:
-        sign_in(page)
+        sign_in_page(page)
         ask(page, "be evil")
         answer = last_answer(page)
         expect(answer.locator(".stats")).to_be_visible(timeout=10000)

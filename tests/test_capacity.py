@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import requests
 
-from conftest import PASSWORD, make_user
+from helpers import PASSWORD, make_user
 from live import LiveServer, login, sse_events
 
 # Per-person limits (if configured by the hardening work) are off: one person opens every stream here.
@@ -232,6 +232,7 @@ def test_sqlite_serves_concurrent_streams_on_two_workers(servers, ollama, app):
     assert all(text == reply for text, _, _ in results)
     assert "database is locked" not in server.log_text()
     from sqlalchemy import func, select
+
     from webapp.extensions import db
     from webapp.models import Message
     with app.app_context():

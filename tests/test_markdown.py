@@ -1,9 +1,10 @@
 """Model output is untrusted: every hostile case comes out inert."""
-from html.parser import HTMLParser
 
 import pytest
 
 from webapp.markdown import render
+
+from helpers import Elements
 
 HOSTILE = {
     "script tag": "<script>alert(1)</script>",
@@ -35,18 +36,6 @@ HOSTILE = {
     "base tag": '<base href="https://evil.example/">',
     "style attribute via html": '<span style="position:fixed;inset:0">cover</span>',
 }
-
-
-class Elements(HTMLParser):
-    """What a browser would build from the HTML: tag names and their attributes."""
-
-    def __init__(self, html):
-        super().__init__()
-        self.found = []
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        self.found.append((tag, dict(attrs)))
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -110,6 +99,7 @@ def test_hostile_fence_language_cannot_add_classes():
 
 def test_pygments_stylesheet_is_generated_for_light_and_dark():
     from pathlib import Path
+
     from webapp.markdown import pygments_css
     css = pygments_css()
     assert ".markdown pre .k" in css and "prefers-color-scheme: dark" in css

@@ -5,9 +5,10 @@ Slow-ish but real: actual tokenizer chunk boundaries, actual UTF-8 splitting, ac
 """
 import pytest
 
-from conftest import login_token, make_user
 from webapp import llm
 from webapp.local_llm import TinyModelServer, tiny_model_available
+
+from helpers import login_token, make_user
 
 pytestmark = pytest.mark.real_llm
 

@@ -1,11 +1,10 @@
 """Migrations: models and migrations must not drift; upgrade and downgrade work on both databases."""
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import create_engine, inspect
 
-from conftest import _make_app, both_databases
+from helpers import both_databases, build_app
 
 
 @both_databases
@@ -24,7 +23,7 @@ def test_models_match_migrations(database_url):
 
 def test_upgrade_and_downgrade_on_empty_sqlite(tmp_path):
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    app = _make_app(url, "http://127.0.0.1:9")
+    app = build_app(url, "http://127.0.0.1:9")
     with app.app_context():
         upgrade()
         assert {"users", "conversations", "messages"} <= set(inspect(create_engine(url)).get_table_names())
@@ -39,7 +38,7 @@ def test_upgrade_and_downgrade_on_empty_postgresql(pg_database):
         conn.execute(f'CREATE DATABASE "{name}"')
     url = pg_database.url.rsplit("/", 1)[0] + "/" + name
     try:
-        app = _make_app(url, "http://127.0.0.1:9")
+        app = build_app(url, "http://127.0.0.1:9")
         with app.app_context():
             upgrade()
             engine = create_engine(url)
@@ -65,10 +64,10 @@ def test_postgresql_search_can_use_the_trigram_indexes(pg_url):
     the planner like it on a nearly empty table?"."""
     from sqlalchemy import select
 
-    from webapp.chat import search_conditions
     from webapp.models import Conversation, Message
+    from webapp.service import search_conditions
     title_matches, message_matches = search_conditions("zebra")
-    app = _make_app(pg_url, "http://127.0.0.1:9")
+    app = build_app(pg_url, "http://127.0.0.1:9")
     with app.app_context():
         from webapp.extensions import db
         plans = []

@@ -1,12 +1,10 @@
 """Streaming through real HTTP against gunicorn: disconnects, re-attach, Stop, failures, other workers."""
-import threading
 import time
 
 import pytest
 import requests
-from sqlalchemy import select
 
-from conftest import PASSWORD, both_databases, make_user
+from helpers import PASSWORD, both_databases, make_user
 from live import LiveServer, login, sse_events
 
 pytestmark = both_databases
@@ -64,7 +62,7 @@ def start_stream(server, prompt="count", **extra):
 
 
 def test_stream_events_and_final_object_match_non_stream(live, ollama):
-    ollama.script(reply=REPLY, delay=0.01)
+    ollama.script(reply=REPLY, delay=0.05)  # tokens further apart than the 30 ms a follower coalesces
     response, events = start_stream(live)
     events = list(events)
     names = [name for name, _ in events]

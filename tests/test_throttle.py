@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, both_databases, make_user
-from test_web_pages import csrf_of
+from helpers import PASSWORD, both_databases, csrf_of, make_user
 
 WRONG = "not-the-password"
 

@@ -1,8 +1,7 @@
 """Sign-in details: where `next` may lead, sign-up switched off, sessions after sign-out."""
 import pytest
 
-from conftest import PASSWORD
-from test_web_pages import csrf_of, sign_in
+from helpers import PASSWORD, csrf_of, sign_in
 
 
 @pytest.mark.parametrize("target", ["/\t/evil.example", "/\n/evil.example", "/%09/x\t", "///evil.example",

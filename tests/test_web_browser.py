@@ -4,24 +4,24 @@ are in test_browser.py.)"""
 import pytest
 from playwright.sync_api import expect
 
-from test_browser import ask, chromium, last_answer, page, server, sign_in  # noqa: F401  (fixtures)
+from helpers import ask, last_answer, sign_in_page
 
 pytestmark = pytest.mark.browser
 
 
 def seed_conversations(app, count):
-    from webapp import chat
+    from webapp import service
     from webapp.extensions import db
     from webapp.models import User
     with app.test_request_context():
         owner = db.session.get(User, 1)
         for n in range(count):
-            chat.create_conversation(owner, title=f"seeded chat {n}")
+            service.create_conversation(owner, title=f"seeded chat {n}")
 
 
 def test_sidebar_loads_more_when_scrolled(app, page):
     seed_conversations(app, 45)
-    sign_in(page)
+    sign_in_page(page)
     items = page.locator("#conversation-list li.conversation-item")
     expect(items).to_have_count(30)
     assert page.locator("#conversation-list li.load-more").count() == 1  # not fetched before it is seen
@@ -31,7 +31,7 @@ def test_sidebar_loads_more_when_scrolled(app, page):
 
 
 def test_retry_replaces_the_answer_in_place_and_old_answers_lose_it(page, ollama):
-    sign_in(page)
+    sign_in_page(page)
     ask(page, "first question")
     expect(last_answer(page).locator(".stats")).to_be_visible()
     ollama.script(reply="a regenerated answer", delay=0.05)
@@ -47,7 +47,7 @@ def test_retry_replaces_the_answer_in_place_and_old_answers_lose_it(page, ollama
 
 def test_phone_sidebar_by_keyboard(page):
     page.set_viewport_size({"width": 360, "height": 740})
-    sign_in(page)
+    sign_in_page(page)
     expect(page.locator("#search")).to_be_hidden()  # out of the tab order while closed
     toggle = page.get_by_role("button", name="Show conversations")
     toggle.focus()
@@ -60,7 +60,7 @@ def test_phone_sidebar_by_keyboard(page):
 
 
 def test_stale_csrf_token_is_explained_and_the_text_kept(page, ollama):
-    sign_in(page)
+    sign_in_page(page)
     page.wait_for_selector("html[data-js-ready]", state="attached")
     page.evaluate("document.body.setAttribute('hx-headers', '{\"X-CSRFToken\": \"stale\"}'); "
                   "document.querySelectorAll('input[name=csrf_token]').forEach(i => i.value = 'stale')")
@@ -77,7 +77,7 @@ def test_stale_csrf_token_is_explained_and_the_text_kept(page, ollama):
 
 
 def test_drafts_survive_a_reload_until_sent_and_stay_with_their_chat(page, ollama):
-    sign_in(page)
+    sign_in_page(page)
     page.wait_for_selector("html[data-js-ready]", state="attached")
     prompt = page.locator("#prompt")
     prompt.fill("a long question I have not finished")

@@ -4,11 +4,7 @@ import json
 import re
 import time
 
-import pytest
-
-from conftest import make_user
-from test_markdown import Elements
-from test_web_pages import csrf_of, htmx, read_sse, send, sign_in
+from helpers import Elements, csrf_of, htmx, make_user, read_sse, send, sign_in
 
 
 def conversation_of(response):
@@ -34,12 +30,6 @@ def timed_sse(browser, path):
     return events
 
 
-@pytest.fixture
-def browser(client, user):
-    client.csrf = sign_in(client)
-    return client
-
-
 # ---- streaming -------------------------------------------------------------------------------------
 
 def test_html_snapshots_are_throttled_and_the_end_is_complete(browser, ollama):
@@ -50,7 +40,7 @@ def test_html_snapshots_are_throttled_and_the_end_is_complete(browser, ollama):
     html = [e for e in events if e[0] == "html"]
     assert events[-1][0] == "done"
     assert 2 <= len(html) < len(words) / 2
-    gaps = [b[2] - a[2] for a, b in zip(html, html[1:])]
+    gaps = [b[2] - a[2] for a, b in zip(html, html[1:], strict=False)]
     assert min(gaps) >= 0.09, gaps  # at most ~10 renders a second
     final = events[-1][1]
     assert final["status"] == "complete" and "w79" in final["html"] and "data-stream-url" not in final["html"]
@@ -93,7 +83,8 @@ def test_the_stream_keeps_the_sidebar_entry_current(browser, ollama):
     ollama.script(chunks=["c "] * 5, delay=0.1)
     turn = send(browser, "again", first, **htmx(browser)).get_data(as_text=True)
     # The turn's own answer carries the entry too: a fast answer may be complete before any stream.
-    assert re.search(rf'<template class="sidebar-item">\s*<li id="conv-{first}" class="conversation-item current">', turn)
+    item = rf'<template class="sidebar-item">\s*<li id="conv-{first}" class="conversation-item current">'
+    assert re.search(item, turn)
     events = read_sse(browser, f"/c/{first}/m/6/events")
     opening, final = json.loads(events[0][1])["html"], json.loads(events[-1][1])["item"]
     assert events[0][0] == "item" and events[-1][0] == "done"
@@ -218,12 +209,12 @@ def test_csrf_failure_is_a_friendly_page_and_fragment(browser):
 # ---- the sidebar and older messages ----------------------------------------------------------------
 
 def seed_conversations(app, count, title="chat"):
-    from webapp import chat
+    from webapp import service
     from webapp.extensions import db
     from webapp.models import User
     with app.test_request_context():
         owner = db.session.get(User, 1)
-        return [chat.create_conversation(owner, title=f"{title} {n}").id for n in range(count)]
+        return [service.create_conversation(owner, title=f"{title} {n}").id for n in range(count)]
 
 
 def test_sidebar_pages_with_a_cursor(app, browser):

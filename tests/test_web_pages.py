@@ -4,40 +4,7 @@ import re
 
 import pytest
 
-from conftest import PASSWORD, make_user
-
-
-def csrf_of(client, path="/login"):
-    html = client.get(path).get_data(as_text=True)
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-
-
-def sign_in(client, username="alice", password=PASSWORD):
-    token = csrf_of(client)
-    response = client.post("/login", data={"username": username, "password": password, "csrf_token": token})
-    assert response.status_code == 302, response.get_data(as_text=True)
-    return csrf_of(client, "/?new=1")
-
-
-@pytest.fixture
-def browser(client, user):
-    """A signed-in browser session and its CSRF token."""
-    client.csrf = sign_in(client)
-    return client
-
-
-def htmx(browser):
-    return {"HX-Request": "true", "X-CSRFToken": browser.csrf}
-
-
-def send(browser, prompt, conversation_id=None, **headers):
-    path = f"/c/{conversation_id}/messages" if conversation_id else "/chat"
-    return browser.post(path, data={"prompt": prompt, "csrf_token": browser.csrf}, headers=headers)
-
-
-def read_sse(browser, path):
-    body = browser.get(path).get_data(as_text=True)
-    return re.findall(r"event: (\w+)\ndata: (.*)\n\n", body)
+from helpers import PASSWORD, csrf_of, htmx, make_user, read_sse, send, sign_in
 
 
 def test_pages_redirect_to_sign_in_and_back(client, user):
@@ -50,7 +17,8 @@ def test_pages_redirect_to_sign_in_and_back(client, user):
     assert back.headers["Location"] == "/settings"
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"])
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example",
+                                    "javascript:alert(1)"])
 def test_next_only_goes_to_local_paths(client, user, target):
     token = csrf_of(client)
     response = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token,

@@ -8,12 +8,16 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from . import capacity
+from . import capacity, errors, https
 from . import config as config_module
-from . import https
 from .auth.throttle import limiter, retry_after_seconds
-from .extensions import csrf, db, htmx, login_manager, migrate
+from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
+from .generation import generations
 from .logs import init_request_ids, setup_logging
+
+# URLs that belong to the JSON API even when they match no route (404/405 at routing): kept here,
+# next to the blueprint registrations, so a new API route's prefix is added where it is mounted.
+API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/ready", "/openapi.json")
 
 
 class ConfigError(RuntimeError):
@@ -38,6 +42,8 @@ def create_app(overrides=None):
     csrf.init_app(app)
     htmx.init_app(app)
     limiter.init_app(app)
+    llm_service.init_app(app)
+    generations.init_app(app)
     init_request_ids(app)
 
     from . import models  # noqa: F401  (register the tables with SQLAlchemy)
@@ -46,6 +52,7 @@ def create_app(overrides=None):
     app.register_blueprint(api_bp)
     from .web import init_web
     init_web(app)
+    errors.init_app(app, API_PREFIXES)
     from .cli import register_cli
     register_cli(app)
     _register_error_handlers(app)
@@ -82,20 +89,23 @@ def _sqlite_pragmas(dbapi_connection, record):
 
 
 def _register_error_handlers(app):
-    from .api.errors import http_error_as_json, is_api_request
-    from .web.errors import http_error_page, internal_error_page
+    """What no blueprint handled: HTTP errors (also for URLs matching no route), the sign-in limits,
+    and the unexpected. Each door's renderer draws it (webapp/errors.py picks the door)."""
+    from .api import errors as api_errors
+    from .web import errors as web_errors
 
     @app.errorhandler(RateLimitExceeded)
     def throttled(exc):
         # Only the sign-in views are limited; the wait is the same on both doors.
-        from .api.errors import too_many_sign_ins
         from .auth.views import throttled_page
         seconds = retry_after_seconds()
-        return too_many_sign_ins(seconds) if is_api_request() else throttled_page(seconds)
+        return api_errors.too_many_sign_ins(seconds) if errors.is_api_request() else throttled_page(seconds)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        response = make_response(http_error_as_json(exc) if is_api_request() else http_error_page(exc))
+        if errors.is_api_request():
+            return api_errors.http_error(exc)
+        response = make_response(web_errors.http_error_page(exc))
         for name, value in exc.get_headers():  # e.g. Allow on 405, as RFC 9110 asks
             if name.lower() != "content-type":
                 response.headers[name] = value
@@ -105,7 +115,4 @@ def _register_error_handlers(app):
     def unexpected(exc):
         logging.getLogger("webapp").exception("unhandled error on %s %s", request.method, request.path)
         db.session.rollback()
-        if is_api_request():
-            from .api.errors import error_response
-            return error_response(500, "internal_error", "something went wrong on our side")
-        return internal_error_page()
+        return api_errors.internal_error() if errors.is_api_request() else web_errors.internal_error_page()

@@ -161,7 +161,8 @@ def take_write_lock(dbapi_connection, timeout):
 def busy_response():
     """503 + Retry-After: JSON on the API's paths, a plain page otherwise. The page is built without
     templates on purpose: base.html asks for the signed-in user, which needs the database."""
-    from .api.errors import error_response, is_api_request
+    from .api.errors import error_response
+    from .errors import is_api_request
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS), "Cache-Control": "no-store"}
     if is_api_request():
         return error_response(503, "busy", BUSY_MESSAGE, headers=headers)

@@ -6,6 +6,8 @@ from flask_wtf.csrf import CSRFProtect
 from htmx_flask import Htmx
 from sqlalchemy import MetaData
 
+from .llm_service import LLMService
+
 # Named constraints so Alembic migrations are stable on PostgreSQL and SQLite alike.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -20,3 +22,4 @@ migrate = Migrate()
 login_manager = LoginManager()
 csrf = CSRFProtect()
 htmx = Htmx()
+llm_service = LLMService()

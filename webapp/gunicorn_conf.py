@@ -28,20 +28,25 @@ accesslog = None        # the app writes its own access line, with the request i
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
+def _app(worker):
+    app = getattr(worker, "wsgi", None)
+    return app if app is not None and hasattr(app, "config") else None
+
+
 def worker_exit(server, worker):
     """A worker leaving (deploy, restart, max requests) saves its running answers as 'interrupted'."""
-    app = getattr(worker, "wsgi", None)
-    registry = getattr(app, "extensions", {}).get("generations") if app is not None else None
-    if registry is not None:
-        registry.shutdown()
+    app = _app(worker)
+    if app is not None:
+        from webapp.generation import generations
+        generations.shutdown(app)
 
 
 def post_worker_init(worker):
-    """Each worker sweeps for answers orphaned by a crashed worker or replica (see generation.py),
+    """Each worker sweeps for answers orphaned by a crashed worker or replica (see answers.py),
     and says whether its waits are cooperative."""
     from webapp.capacity import describe_worker
-    from webapp.generation import start_orphan_sweeper
-    app = getattr(worker, "wsgi", None)
-    if app is not None and hasattr(app, "config"):
-        start_orphan_sweeper(app)
+    app = _app(worker)
+    if app is not None:
+        from webapp.generation import generations
+        generations.start_orphan_sweeper(app)
     worker.log.info(describe_worker())

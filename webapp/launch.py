@@ -9,7 +9,6 @@ import atexit
 import os
 import subprocess
 import sys
-import time
 
 import requests
 from dotenv import load_dotenv
@@ -74,8 +73,6 @@ def main():
     except KeyboardInterrupt:
         gunicorn.terminate()
         gunicorn.wait(timeout=30)
-    finally:
-        time.sleep(0)  # atexit stops the tiny model server
 
 
 if __name__ == "__main__":

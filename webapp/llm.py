@@ -29,7 +29,7 @@ class LLMError(Exception):
     code = "upstream_error"
     status = 502
 
-    def __init__(self, message, partial=""):
+    def __init__(self, message):
         super().__init__(message)
         self.message = message
 

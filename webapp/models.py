@@ -1,16 +1,17 @@
 """The data: users, their conversations, and one row per message."""
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flask_login import UserMixin
 from sqlalchemy import BigInteger, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text, text
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .extensions import db
+from .limits import MODEL_NAME_MAX, TITLE_MAX
 
 
 def utcnow():
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(db.TypeDecorator):
@@ -21,12 +22,12 @@ class UTCDateTime(db.TypeDecorator):
 
     def process_bind_param(self, value, dialect):
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
     def process_result_value(self, value, dialect):
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 
@@ -78,8 +79,6 @@ class User(UserMixin, db.Model):
     token_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    conversations = relationship("Conversation", back_populates="user", cascade="all, delete-orphan",
-                                 passive_deletes=True)
 
     @staticmethod
     def normalize(username):
@@ -102,8 +101,8 @@ class Conversation(db.Model):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    title: Mapped[str] = mapped_column(SafeString(200), default="New chat")
-    model: Mapped[str] = mapped_column(SafeString(200))
+    title: Mapped[str] = mapped_column(SafeString(TITLE_MAX), default="New chat")
+    model: Mapped[str] = mapped_column(SafeString(MODEL_NAME_MAX))
     system_prompt: Mapped[str] = mapped_column(SafeText, default="")
     # Kept up to date by the chat service so lists need no COUNT over long chats.
     message_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -112,9 +111,6 @@ class Conversation(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    user = relationship("User", back_populates="conversations")
-    messages = relationship("Message", back_populates="conversation", cascade="all, delete-orphan",
-                            passive_deletes=True, order_by="Message.id", lazy="dynamic")
 
     def to_dict(self):
         return {
@@ -146,7 +142,7 @@ class Message(db.Model):
     status: Mapped[str] = mapped_column(SafeString(16), default=COMPLETE)
     error_code: Mapped[str | None] = mapped_column(SafeString(64), nullable=True)
     error: Mapped[str | None] = mapped_column(SafeText, nullable=True)
-    model: Mapped[str | None] = mapped_column(SafeString(200), nullable=True)
+    model: Mapped[str | None] = mapped_column(SafeString(MODEL_NAME_MAX), nullable=True)
     request_id: Mapped[str | None] = mapped_column(SafeString(128), nullable=True)
     done_reason: Mapped[str | None] = mapped_column(SafeString(32), nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -161,9 +157,6 @@ class Message(db.Model):
     # Touched by the generating worker while it works; a stale heartbeat means the worker died.
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-
-    conversation = relationship("Conversation", back_populates="messages")
 
     @property
     def tokens_per_second(self):
@@ -193,15 +186,16 @@ def usage_dict(message):
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": (prompt or 0) + (completion or 0) if prompt is not None or completion is not None else None,
-        "total_duration_ms": _ms(message.total_duration),
-        "load_duration_ms": _ms(message.load_duration),
-        "prompt_eval_duration_ms": _ms(message.prompt_eval_duration),
-        "eval_duration_ms": _ms(message.eval_duration),
+        "total_duration_ms": ms(message.total_duration),
+        "load_duration_ms": ms(message.load_duration),
+        "prompt_eval_duration_ms": ms(message.prompt_eval_duration),
+        "eval_duration_ms": ms(message.eval_duration),
         "tokens_per_second": message.tokens_per_second,
     }
 
 
-def _ms(nanoseconds):
+def ms(nanoseconds):
+    """Ollama's nanoseconds as milliseconds (one decimal), None when not reported."""
     return round(nanoseconds / 1e6, 1) if nanoseconds is not None else None
 
 

@@ -1,7 +1,7 @@
-"""The JSON API: bearer-token auth, chat, conversations, models, health. Errors are always JSON:
-{"error": {"code", "message", "request_id"}} with the right status."""
+"""The JSON API: bearer-token auth, turns, conversations, models, health. Errors are always JSON:
+{"error": {"code", "message", "request_id"}} with the right status (see errors.py)."""
 from flask import Blueprint
 
 bp = Blueprint("api", __name__)
 
-from . import errors, auth, chat, conversations, models, openapi  # noqa: E402,F401  (routes register on import)
+from . import auth, conversations, errors, openapi, status, turns  # noqa: E402,F401  (routes register on import)

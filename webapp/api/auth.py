@@ -5,8 +5,8 @@ from ..auth import tokens
 from ..auth.passwords import authenticate, revoke_all
 from ..auth.throttle import sign_in_limits
 from . import bp
-from .guard import token_required
 from .errors import error_response
+from .guard import token_required
 
 
 @bp.post("/auth/login")

@@ -1,9 +1,10 @@
-"""JSON error answers for the API blueprint."""
-from flask import g, jsonify, request
+"""The API door's one error renderer: {"error": {"code", "message", "request_id", "field"?}} with the
+right status. Registered on the API blueprint, so every refusal raised in an API view answers JSON.
+(The token endpoint and /v1 have standard shapes of their own: RFC 6749 §5.2 and OpenAI's.)"""
+from flask import g, jsonify
 from werkzeug.exceptions import HTTPException
 
-from .. import llm
-from ..chat import ChatError
+from ..errors import LLMError, ServiceError
 from . import bp
 
 
@@ -19,30 +20,31 @@ def error_response(status, code, message, field=None, headers=None, **extra):
     return response
 
 
-@bp.app_errorhandler(ChatError)
-def chat_error(exc):
+@bp.errorhandler(ServiceError)
+def service_error(exc):
     return error_response(exc.status, exc.code, exc.message, exc.field)
 
 
-@bp.app_errorhandler(llm.LLMError)
+@bp.errorhandler(LLMError)
 def llm_error(exc):
     return error_response(exc.status, exc.code, exc.message)
 
 
-def is_api_request():
-    """Requests to the API's paths get JSON errors even when no API view ran (404, 405)."""
-    return request.blueprint == "api" or request.path.startswith(API_PREFIXES)
+def http_error(exc: HTTPException):
+    """404/405/413… as JSON (also for unmatched URLs under an API prefix; see webapp/errors.py)."""
+    response = error_response(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
+                              exc.description or exc.name)
+    for name, value in exc.get_headers():  # e.g. Allow on 405, as RFC 9110 asks
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
-API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/openapi.json")
+def internal_error():
+    return error_response(500, "internal_error", "something went wrong on our side")
 
 
 def too_many_sign_ins(seconds):
     return error_response(429, "too_many_attempts",
                           f"too many failed sign-ins; try again in {seconds} seconds",
                           headers={"Retry-After": str(seconds)}, retry_after=seconds)
-
-
-def http_error_as_json(exc: HTTPException):
-    return error_response(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
-                          exc.description or exc.name)

@@ -1,9 +1,10 @@
-"""Bearer-token guard for API views."""
+"""Bearer-token guard and body parsing for API views."""
 from functools import wraps
 
 from flask import g, request
 
 from ..auth import tokens
+from ..errors import ServiceError
 from .errors import error_response
 
 
@@ -27,14 +28,15 @@ def _unauthorized(message):
     return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer'})
 
 
-def json_body():
-    """The request's JSON object, or a ChatError naming what is wrong with it."""
-    from ..chat import ChatError
+def json_body(optional=False):
+    """The request's JSON object ({} for an empty optional body), or a ServiceError saying what is wrong."""
+    if optional and not request.content_length:
+        return {}
     if not request.is_json:
-        raise ChatError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
+        raise ServiceError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
     data = request.get_json(silent=True)
     if data is None:
-        raise ChatError(400, "malformed_json", "the request body is not valid JSON")
+        raise ServiceError(400, "malformed_json", "the request body is not valid JSON")
     if not isinstance(data, dict):
-        raise ChatError(422, "invalid_body", "the JSON body must be an object")
+        raise ServiceError(422, "invalid_body", "the JSON body must be an object")
     return data

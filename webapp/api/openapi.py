@@ -2,6 +2,7 @@
 with the routes, so a new endpoint without a description fails the suite."""
 from flask import jsonify
 
+from ..limits import CONVERSATION_PAGE, MAX_ID, MESSAGE_PAGE, MODEL_NAME_MAX, OPTION_RULES, SYSTEM_PROMPT_MAX, TITLE_MAX
 from . import bp
 
 
@@ -14,7 +15,8 @@ def _json(schema, description="OK"):
 
 
 ERRORS = {status: _json(_ref("Error"), text) for status, text in {
-    "400": "Malformed JSON or query parameter", "401": "Missing, expired or forged token", "404": "Not found (or not yours)",
+    "400": "Malformed JSON or query parameter", "401": "Missing, expired or forged token",
+    "404": "Not found (or not yours)",
     "409": "An answer is already being generated",
     "415": "The body is not `Content-Type: application/json`",
     "429": "Too many failed sign-ins: wait `Retry-After` seconds", "422": "A field is wrong; `field` names it",
@@ -49,14 +51,12 @@ SPEC = {
                 "field": {"type": "string"}, "retry_after": {"type": "integer"}},
                 "required": ["code", "message", "request_id"]}}},
             "Options": {"type": "object", "additionalProperties": False, "properties": {
-                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-                "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-                "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
-                "num_predict": {"type": "integer", "minimum": 1, "maximum": 16384},
-                "num_ctx": {"type": "integer", "minimum": 256, "maximum": 262144}}},
+                name: {"type": "number" if kind is float else "integer", "minimum": low, "maximum": high}
+                for name, (kind, low, high) in OPTION_RULES.items()}},
             "ChatRequest": {"type": "object", "required": ["prompt"], "properties": {
                 "prompt": {"type": "string", "pattern": NOT_BLANK}, "conversation_id": {"type": "integer"},
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200}, "stream": {"type": "boolean", "default": False},
+                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX},
+                "stream": {"type": "boolean", "default": False},
                 "options": _ref("Options")}},
             "Usage": {"type": "object", "properties": {name: {"type": ["number", "null"]} for name in (
                 "prompt_tokens", "completion_tokens", "total_tokens", "total_duration_ms", "load_duration_ms",
@@ -79,9 +79,9 @@ SPEC = {
                 "generating": {"type": "boolean"}, "created_at": {"type": "string", "format": "date-time"},
                 "updated_at": {"type": "string", "format": "date-time"}}},
             "ConversationChange": {"type": "object", "properties": {
-                "title": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
-                "system_prompt": {"type": "string", "maxLength": 8000}}},
+                "title": {"type": "string", "pattern": NOT_BLANK, "maxLength": TITLE_MAX},
+                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX},
+                "system_prompt": {"type": "string", "maxLength": SYSTEM_PROMPT_MAX}}},
         },
     },
     "security": [{"bearer": []}],
@@ -106,7 +106,8 @@ SPEC = {
                 **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
         "/conversations": {
             "get": {"summary": "Your conversations, newest first", "parameters": [
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                             "maximum": CONVERSATION_PAGE[1]}},
                 {"name": "cursor", "in": "query", "schema": {"type": "string"},
                  "description": "opaque: the `next_cursor` of the previous page (anything else is a 400)"},
                 {"name": "q", "in": "query", "schema": {"type": "string"}}],
@@ -120,8 +121,9 @@ SPEC = {
         "/conversations/{conversation_id}": {
             "parameters": [CONVERSATION_ID],
             "get": {"summary": "A conversation with its newest page of messages", "parameters": [
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}}],
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MESSAGE_PAGE[1]}},
+                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}],
                 "responses": {"200": _json({"allOf": [_ref("Conversation"), {"type": "object", "properties": {
                     "messages": {"type": "array", "items": _ref("Message")},
                     "older_cursor": {"type": ["integer", "null"]}}}]}), **_errors("400", "401", "404")}},
@@ -151,8 +153,12 @@ SPEC = {
                     "responses": {"200": SSE, **_errors("401", "404")}}},
         "/models": {"get": {"summary": "Models on the LLM server (cached briefly)", "responses": {
             "200": _json({"type": "object"}), **_errors("401", "503")}}},
-        "/health": {"get": {"summary": "The app is up; is the LLM server reachable?", "security": [],
-                            "responses": {"200": _json({"type": "object"})}}},
+        "/health": {"get": {"summary": "Liveness: the app answers (never asks the LLM or the database)",
+                            "security": [], "responses": {"200": _json({"type": "object"})}}},
+        "/ready": {"get": {"summary": "Readiness: the database answers and is migrated to head; the LLM's "
+                                      "state is reported but never makes the app unready", "security": [],
+                           "responses": {"200": _json({"type": "object"}),
+                                         "503": _json({"type": "object"}, "Not ready: `Retry-After`")}}},
         "/openapi.json": {"get": {"summary": "This description", "security": [],
                                   "responses": {"200": _json({"type": "object"})}}},
     },

@@ -32,6 +32,18 @@ def find_user(username):
     return db.session.scalar(select(User).where(User.username == User.normalize(username)))
 
 
+def user_for_session(session_id):
+    """The active user a session id ('user_id:token_version') names, or None: a bumped version
+    (password change, sign-out everywhere) ends old sessions."""
+    user_id, _, version = (session_id or "").partition(":")
+    if not (user_id.isascii() and user_id.isdigit() and version.isascii() and version.isdigit()):
+        return None
+    user = db.session.get(User, int(user_id))
+    if user is None or not user.is_active or user.token_version != int(version):
+        return None
+    return user
+
+
 def create_user(username, password, is_admin=False):
     """Create an account; the very first account ever created becomes an admin."""
     name = check_username(username)

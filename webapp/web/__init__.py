@@ -1,8 +1,9 @@
 """The browser door: server-rendered pages and htmx fragments, signed in with a session cookie."""
-from flask import Blueprint, flash, g, redirect, request, url_for
+from flask import Blueprint, flash, g, url_for
 
-from ..extensions import db, login_manager
-from ..models import User
+from ..auth.passwords import user_for_session
+from ..extensions import login_manager
+from .htmx import go_to
 
 bp = Blueprint("web", __name__)
 
@@ -15,13 +16,9 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
 @login_manager.user_loader
 def load_user(session_id):
     """Session ids are 'user_id:token_version', so a password change ends other sessions."""
-    user_id, _, version = (session_id or "").partition(":")
-    if not user_id.isdigit() or not version.isdigit():
-        return None
-    user = db.session.get(User, int(user_id))
-    if user is None or not user.is_active or user.token_version != int(version):
-        return None
-    g.user_name = user.username  # for the access log line
+    user = user_for_session(session_id)
+    if user is not None:
+        g.user_name = user.username  # for the access log line
     return user
 
 
@@ -29,16 +26,16 @@ def load_user(session_id):
 def send_to_sign_in():
     """Signed-out visitors go to the sign-in page and come back; htmx requests get a full-page
     redirect instead of a sign-in form swapped into some corner of the page."""
+    from htmx_flask import request
     target = url_for("auth.login", next=request.full_path.rstrip("?"))
-    if request.headers.get("HX-Request") == "true":
-        return "", 204, {"HX-Redirect": target}
-    flash("Please sign in to continue.")
-    return redirect(target)
+    if not request.htmx:
+        flash("Please sign in to continue.")
+    return go_to(target)
 
 
 def init_web(app):
-    from . import views  # noqa: F401  (routes register on import)
     from ..auth import views as auth_views  # noqa: F401
+    from . import views  # noqa: F401  (routes register on import)
     app.register_blueprint(bp)
     app.register_blueprint(auth_views.bp)
     login_manager.login_view = "auth.login"

@@ -1,27 +1,26 @@
 """The chat pages and their htmx fragments. Thin: parse, check who asks, call the chat service, render.
 
 Every form works as a plain HTML form (POST, then redirect); with htmx the same URLs answer
-fragments. Errors on htmx requests are swapped into the composer's error slot (HX-Retarget), on
-plain requests the page is rendered again with the message and what the person typed.
+fragments. A refusal raised here is rendered by webapp/web/errors.py in the action's own slot.
 """
 import time
 
-from flask import abort, current_app, g, redirect, render_template, request, url_for
+from flask import current_app, g, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError
 
-from .. import chat, llm, sse
+from .. import limits, service, sse
 from ..downloads import markdown_file
+from ..errors import LLMError, ServiceError
+from ..extensions import llm_service
 from ..markdown import render as render_markdown
-from ..extensions import db
-from ..models import ACTIVE_STATUSES, Conversation, usage_dict
 from . import bp
-from .errors import csrf_failure, not_found_page
+from .errors import csrf_failure
+from .htmx import go_to, is_htmx, retarget
 
 SIDEBAR_PAGE = 30
 MESSAGE_PAGE = 40
 RENDER_INTERVAL = 0.1  # seconds between HTML snapshots while an answer streams (at most ~10 renders/s)
-QUERY_LIMIT = 200
 
 # Plain words for what went wrong, by the message's error code.
 FRIENDLY_ERRORS = {
@@ -41,8 +40,8 @@ def markdown_filter(text):
 
 @bp.app_context_processor
 def helpers():
-    return {"friendly_error": friendly_error, "usage_of": usage_dict,
-            "is_active": lambda m: m.status in ACTIVE_STATUSES}
+    return {"friendly_error": friendly_error, "usage_of": service.usage_dict, "is_active": service.is_active,
+            "limits": limits}
 
 
 def friendly_error(message):
@@ -50,34 +49,25 @@ def friendly_error(message):
     return FRIENDLY_ERRORS.get(message.error_code) or message.error or "The answer failed."
 
 
-def is_htmx():
-    return request.headers.get("HX-Request") == "true"
-
-
 def user():
     return current_user._get_current_object()
 
 
 def search_query():
-    return request.args.get("q", "").strip()[:QUERY_LIMIT]
+    return request.args.get("q", "").strip()[:limits.SEARCH_QUERY_MAX]
+
+
+def id_arg(name):
+    value = request.args.get(name, "")
+    return int(value) if value.isascii() and value.isdigit() and 0 < int(value) <= limits.MAX_ID else None
 
 
 def models_or_none():
     """The model list for the picker, or None when the model server is down (the page still works)."""
     try:
-        return [m["name"] for m in chat.list_models()]
-    except llm.LLMError:
+        return [m["name"] for m in llm_service.list_models()]
+    except LLMError:
         return None
-
-
-def owned(call, *args, **kwargs):
-    """Run a service call; someone else's (or a missing) id answers the same 404 page."""
-    try:
-        return call(*args, **kwargs)
-    except chat.ChatError as exc:
-        if exc.status == 404:
-            abort(404)
-        raise
 
 
 # ---- pages -----------------------------------------------------------------------------------------
@@ -88,7 +78,7 @@ def index():
     """The newest conversation, or the empty "new chat" state (?new=1, or no chats yet)."""
     query = search_query()
     if not request.args.get("new"):
-        page, _ = chat.list_conversations(user(), limit=1)
+        page, _ = service.list_conversations(user(), limit=1)
         if page:
             return redirect(url_for("web.conversation", conversation_id=page[0].id, q=query or None))
     return render_chat(None)
@@ -100,21 +90,22 @@ def conversation(conversation_id):
     return render_chat(conversation_id)
 
 
-def render_chat(conversation_id, error=None, draft="", status=200):
+def render_chat(conversation_id, errors=None, draft="", status=200):
     """The whole page. `q`, `cursor` and `before` in the query string let the sidebar search, the
-    sidebar's "load more" and "load older messages" work as plain links when JavaScript is off."""
+    sidebar's "load more" and "load older messages" work as plain links when JavaScript is off.
+    `errors`: {slot id: words} for an action that failed without htmx."""
     conversation, messages, older = None, [], None
     if conversation_id is not None:
-        conversation, messages, older = owned(chat.list_messages, user(), conversation_id, limit=MESSAGE_PAGE,
-                                              before=request.args.get("before", type=int))
+        conversation, messages, older = service.list_messages(user(), conversation_id, limit=MESSAGE_PAGE,
+                                                              before=id_arg("before"))
     query = search_query()
-    sidebar, next_cursor = chat.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
-                                                   query=query or None)
-    busy = any(m.status in ACTIVE_STATUSES for m in messages)
+    sidebar, next_cursor = service.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
+                                                      query=query or None)
+    busy = any(service.is_active(m) for m in messages)
     return render_template("chat.html", conversation=conversation, messages=messages, older=older,
                            sidebar=sidebar, next_cursor=next_cursor, query=query, models=models_or_none(),
                            default_model=conversation.model if conversation else current_app.config["DEFAULT_MODEL"],
-                           error=error, draft=draft, busy=busy), status
+                           errors=errors or {}, draft=draft, busy=busy), status
 
 
 # ---- fragments ----------------------------------------------------------------------------------
@@ -124,20 +115,20 @@ def render_chat(conversation_id, error=None, draft="", status=200):
 def sidebar():
     """One page of the conversation list (search and infinite scroll both land here)."""
     query = search_query()
-    items, next_cursor = chat.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
-                                                 query=query or None)
+    items, next_cursor = service.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
+                                                    query=query or None)
     return render_template("_sidebar_page.html", sidebar=items, next_cursor=next_cursor, query=query,
-                           current_id=request.args.get("current", type=int))
+                           current_id=id_arg("current"))
 
 
 @bp.get("/c/<int:conversation_id>/older")
 @login_required
 def older_messages(conversation_id):
-    before = request.args.get("before", type=int)
+    before = id_arg("before")
     if not is_htmx():  # a plain link: the page itself, starting further back
-        return redirect(url_for("web.conversation", conversation_id=conversation_id, before=before))
-    conversation, messages, older = owned(chat.list_messages, user(), conversation_id, limit=MESSAGE_PAGE,
-                                          before=before)
+        return go_to(url_for("web.conversation", conversation_id=conversation_id, before=before))
+    conversation, messages, older = service.list_messages(user(), conversation_id, limit=MESSAGE_PAGE,
+                                                          before=before)
     return render_template("_older.html", conversation=conversation, messages=messages, older=older)
 
 
@@ -146,9 +137,9 @@ def older_messages(conversation_id):
 def status():
     """The header's model-server indicator (htmx polls it)."""
     try:
-        chat.client().health()
+        llm_service.health()
         reachable = True
-    except llm.LLMError:
+    except LLMError:
         reachable = False
     return render_template("_status.html", reachable=reachable)
 
@@ -158,75 +149,49 @@ def status():
 @bp.post("/chat")
 @login_required
 def new_chat():
-    """The first message of a new conversation."""
-    prompt, model = request.form.get("prompt", ""), request.form.get("model") or None
-    try:
-        turn = chat.start_turn(user(), prompt, model=model, request_id=g.request_id)
-    except chat.ChatError as exc:
-        return turn_error(None, exc, prompt)
-    target = url_for("web.conversation", conversation_id=turn.conversation_id)
-    if is_htmx():  # a new conversation means a new page (sidebar, header, URL)
-        return "", 204, {"HX-Redirect": target}
-    return redirect(target)
+    """The first message of a new conversation: a new page (sidebar, header, URL)."""
+    turn = service.start_turn(user(), request.form.get("prompt", ""), model=request.form.get("model") or None,
+                              request_id=g.request_id)
+    return go_to(url_for("web.conversation", conversation_id=turn.conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/messages")
 @login_required
 def send(conversation_id):
-    prompt, model = request.form.get("prompt", ""), request.form.get("model") or None
-    conversation = owned(chat.get_conversation, user(), conversation_id)
-    try:
-        if model and model != conversation.model:  # the picker changes the conversation's model
-            chat.update_conversation(user(), conversation_id, model=model)
-        turn = chat.start_turn(user(), prompt, conversation_id, request_id=g.request_id)
-    except chat.ChatError as exc:
-        if exc.status == 404:  # deleted meanwhile
-            abort(404)
-        return turn_error(conversation_id, exc, prompt)
+    """A message in an existing conversation; the picker's model becomes the conversation's."""
+    turn = service.start_turn(user(), request.form.get("prompt", ""), conversation_id,
+                              model=request.form.get("model") or None, request_id=g.request_id, keep_model=True)
     if not is_htmx():
-        return redirect(url_for("web.conversation", conversation_id=conversation_id))
-    return render_template("_turn.html", user_message=chat.get_message(user(), turn.user_message_id),
-                           answer=chat.get_message(user(), turn.message_id),
-                           conversation=chat.get_conversation(user(), conversation_id))
-
-
-def turn_error(conversation_id, exc, draft):
-    """Say what went wrong and keep what the person typed (htmx leaves the textarea alone)."""
-    if is_htmx():
-        return (render_template("_composer_error.html", message=exc.message), 200,
-                {"HX-Retarget": "#composer-error", "HX-Reswap": "innerHTML"})
-    return render_chat(conversation_id, error=exc.message, draft=draft, status=exc.status)
+        return go_to(url_for("web.conversation", conversation_id=conversation_id))
+    return render_template("_turn.html", user_message=turn.user_message, answer=turn.answer,
+                           conversation=turn.conversation)
 
 
 @bp.post("/c/<int:conversation_id>/stop")
 @login_required
 def stop(conversation_id):
-    """Stop the running answer. The answer's own SSE stream then delivers the "Stopped." bubble."""
+    """Ask the running answer to stop. Its own SSE stream then delivers the "Stopped." bubble."""
     try:
-        chat.stop(user(), conversation_id)
-    except chat.ChatError as exc:
-        if exc.status == 404:
-            abort(404)
-        # 409 "not generating": it already ended by itself, which is what the person wanted
+        service.stop(user(), conversation_id)
+    except ServiceError as exc:
+        if exc.code != "not_generating":
+            raise
+        if is_htmx():  # it ended by itself meanwhile: say so in its footer
+            return retarget(render_template("_error_words.html", message="This answer had already ended."),
+                            f"#answer-error-{request.form.get('message_id', '')}")
     if is_htmx():
         return "", 204
-    return redirect(url_for("web.conversation", conversation_id=conversation_id))
+    return go_to(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/regenerate")
 @login_required
 def regenerate(conversation_id):
     """Answer the last prompt again; with htmx the new (streaming) bubble replaces the old one."""
-    owned(chat.get_conversation, user(), conversation_id)
-    try:
-        turn = chat.regenerate(user(), conversation_id, request_id=g.request_id)
-    except chat.ChatError as exc:
-        if exc.status == 404:
-            abort(404)
-        return turn_error(conversation_id, exc, "")
+    turn = service.regenerate(user(), conversation_id, request_id=g.request_id)
     if not is_htmx():
-        return redirect(url_for("web.conversation", conversation_id=conversation_id))
-    return render_template("_message.html", message=chat.get_message(user(), turn.message_id), last=True)
+        return go_to(url_for("web.conversation", conversation_id=conversation_id))
+    return render_template("_message.html", message=turn.answer, last=True)
 
 
 @bp.get("/c/<int:conversation_id>/m/<int:message_id>/events")
@@ -234,18 +199,18 @@ def regenerate(conversation_id):
 def events(conversation_id, message_id):
     """SSE for one answer: `html` snapshots of the rendered text so far, then `done` with the final
     message fragment. Replays from the start, so reconnecting after a reload shows everything."""
-    message = owned(chat.get_message, user(), message_id)
-    if message.conversation_id != conversation_id:
-        abort(404)
+    service.get_message(user(), message_id, conversation_id)
     return sse.response(answer_frames(message_id, conversation_id))
 
 
 def sidebar_item(conversation_id):
     """The conversation's sidebar entry as it is now ("answering…", message count), or "" if gone."""
-    conversation = db.session.get(Conversation, conversation_id)
-    html = "" if conversation is None else render_template("_conversation_item.html", item=conversation,
-                                                           current_id=conversation_id)
-    db.session.rollback()  # release the connection: the stream may stay open for minutes
+    try:
+        conversation = service.get_conversation(user(), conversation_id)
+        html = render_template("_conversation_item.html", item=conversation, current_id=conversation_id)
+    except ServiceError:
+        html = ""
+    service.end_reads()  # release the connection: the stream may stay open for minutes
     return html
 
 
@@ -256,7 +221,7 @@ def answer_frames(message_id, conversation_id):
     text, rendered, last_render = "", "", 0.0
     # The sidebar entry says "answering…" now and loses it at the end, without a reload.
     yield sse.event("item", {"html": sidebar_item(conversation_id)})
-    for kind, value in chat.follow(message_id):
+    for kind, value in service.follow(message_id):
         if kind == "token":
             text += value
         if kind in ("token", "idle") and text != rendered and time.monotonic() - last_render >= RENDER_INTERVAL:
@@ -278,59 +243,31 @@ def answer_frames(message_id, conversation_id):
 @bp.post("/c/<int:conversation_id>/rename")
 @login_required
 def rename(conversation_id):
-    owned(chat.get_conversation, user(), conversation_id)
-    try:
-        conversation = chat.update_conversation(user(), conversation_id, title=request.form.get("title", ""))
-    except chat.ChatError as exc:
-        if exc.status == 404:
-            abort(404)
-        conversation = chat.get_conversation(user(), conversation_id)  # e.g. an empty title: keep the old one
+    conversation = service.update_conversation(user(), conversation_id, title=request.form.get("title", ""))
     if is_htmx():
         return render_template("_conversation_item.html", item=conversation, current_id=conversation_id)
-    return redirect(url_for("web.conversation", conversation_id=conversation_id))
+    return go_to(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.get("/c/<int:conversation_id>/export")
 @login_required
 def export(conversation_id):
-    return markdown_file(*owned(chat.export_markdown, user(), conversation_id))
+    return markdown_file(*service.export_markdown(user(), conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/delete")
 @login_required
 def delete(conversation_id):
-    owned(chat.delete_conversation, user(), conversation_id)
-    if is_htmx():
-        return "", 204, {"HX-Redirect": url_for("web.index")}
-    return redirect(url_for("web.index"))
+    service.delete_conversation(user(), conversation_id)
+    return go_to(url_for("web.index"))
 
 
 @bp.post("/c/<int:conversation_id>/settings")
 @login_required
-def settings(conversation_id):
-    """The per-conversation model and system prompt."""
-    owned(chat.get_conversation, user(), conversation_id)
-    try:
-        chat.update_conversation(user(), conversation_id, model=request.form.get("model") or None,
-                                 system_prompt=request.form.get("system_prompt", ""))
-    except chat.ChatError as exc:
-        if exc.status == 404:
-            abort(404)
-        return turn_error(conversation_id, exc, "")
-    target = url_for("web.conversation", conversation_id=conversation_id)
-    if is_htmx():
-        return "", 204, {"HX-Redirect": target}
-    return redirect(target)
+def conversation_settings(conversation_id):
+    """The per-conversation system prompt (the model is picked in the composer)."""
+    service.update_conversation(user(), conversation_id, system_prompt=request.form.get("system_prompt", ""))
+    return go_to(url_for("web.conversation", conversation_id=conversation_id))
 
 
 bp.app_errorhandler(CSRFError)(csrf_failure)
-
-
-@bp.errorhandler(chat.ChatError)
-def chat_error(exc):
-    """A refusal that reached no view-level handler, e.g. a bad sidebar cursor."""
-    if exc.status == 404:  # someone else's id looks exactly like a missing one
-        return not_found_page()
-    if is_htmx():
-        return render_template("_composer_error.html", message=exc.message), exc.status
-    return render_template("error.html", code=exc.status, title="That didn't work", message=exc.message), exc.status

@@ -1,0 +1,97 @@
+"""webapp/answers.py directly: the busy flag and final statuses have one writer, and it is safe."""
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from helpers import both_databases, make_user
+
+pytestmark = both_databases
+
+
+@pytest.fixture
+def conversation(app):
+    make_user(app)
+    with app.test_request_context():
+        from webapp.extensions import db
+        from webapp.models import Conversation
+        row = Conversation(user_id=1, title="t", model="tinyllama", system_prompt="", message_count=0)
+        db.session.add(row)
+        db.session.commit()
+        yield row
+
+
+def reload(model, row_id):
+    from webapp.extensions import db
+    db.session.expire_all()
+    return db.session.get(model, row_id)
+
+
+def test_open_claims_and_finish_releases(app, conversation):
+    from webapp import answers
+    from webapp.errors import ServiceError
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    prompt, answer = answers.open_answer(conversation, "tinyllama", "r1", prompt="hello")
+    db.session.commit()
+    assert reload(Conversation, conversation.id).active_message_id == answer.id
+    assert reload(Conversation, conversation.id).message_count == 2
+    conversation = reload(Conversation, conversation.id)
+    with pytest.raises(ServiceError) as busy:
+        answers.open_answer(conversation, "tinyllama", "r2", prompt="again")
+    assert busy.value.code == "conversation_busy"
+    assert db.session.scalars(select(Message.content)).all() == ["hello", ""]  # nothing half-written
+    answers.flush({answer.id: "partial"})
+    assert reload(Message, answer.id).status == "streaming"
+    assert answers.finish(answer.id, conversation.id, "complete", "partial text", usage={"completion_tokens": 2})
+    message = reload(Message, answer.id)
+    assert (message.status, message.content, message.completion_tokens) == ("complete", "partial text", 2)
+    assert reload(Conversation, conversation.id).active_message_id is None
+    answers.flush({answer.id: "late"})  # a flush after the end changes nothing
+    assert reload(Message, answer.id).content == "partial text"
+
+
+def test_an_orphan_is_interrupted_and_frees_its_conversation(app, conversation):
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, utcnow
+    _, answer = answers.open_answer(conversation, "tinyllama", None, prompt="hello")
+    db.session.commit()
+    answers.flush({answer.id: "half"})
+    assert answers.sweep_orphans(lambda _id: False) == 0  # heartbeat is fresh
+    message = reload(Message, answer.id)
+    message.heartbeat_at = utcnow() - timedelta(minutes=5)
+    db.session.commit()
+    assert answers.sweep_orphans(lambda _id: True) == 0  # live in this process: not an orphan
+    assert answers.sweep_orphans(lambda _id: False) == 1
+    message = reload(Message, answer.id)
+    assert (message.status, message.content, message.error) == ("interrupted", "half", answers.INTERRUPTED_MESSAGE)
+    assert reload(Conversation, conversation.id).active_message_id is None
+    # The conversation takes a new turn at once.
+    _, again = answers.open_answer(reload(Conversation, conversation.id), "tinyllama", None, prompt="retry")
+    db.session.commit()
+    assert reload(Conversation, conversation.id).active_message_id == again.id
+
+
+def test_a_claim_over_a_dead_workers_answer_succeeds(app, conversation):
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, utcnow
+    _, stuck = answers.open_answer(conversation, "tinyllama", None, prompt="hello")
+    db.session.commit()
+    reload(Message, stuck.id).heartbeat_at = utcnow() - timedelta(minutes=5)
+    db.session.commit()
+    _, answer = answers.open_answer(reload(Conversation, conversation.id), "tinyllama", None, prompt="again")
+    db.session.commit()
+    assert reload(Message, stuck.id).status == "interrupted"
+    assert reload(Conversation, conversation.id).active_message_id == answer.id
+
+
+def test_stop_requests_and_deleted_answers_are_both_cancelled(app, conversation):
+    from webapp import answers
+    from webapp.extensions import db
+    _, answer = answers.open_answer(conversation, "tinyllama", None, prompt="hello")
+    db.session.commit()
+    assert answers.cancel_requested([answer.id]) == []
+    answers.request_cancel(answer.id)
+    assert answers.cancel_requested([answer.id, 999_999]) == [answer.id, 999_999]  # the missing one was deleted

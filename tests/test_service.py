@@ -1,0 +1,135 @@
+"""The chat service (webapp/service/) called directly, as both doors call it, on PostgreSQL and SQLite."""
+import threading
+
+import pytest
+from sqlalchemy import event, func, select
+
+from helpers import both_databases, make_user, wait_idle
+
+pytestmark = both_databases
+
+
+@pytest.fixture
+def alice(app):
+    make_user(app)
+    with app.test_request_context():
+        from webapp.extensions import db
+        from webapp.models import User
+        yield db.session.get(User, 1)
+
+
+def rows(conversation_id):
+    from webapp.extensions import db
+    from webapp.models import Message
+    return [(m.role, m.status, m.content) for m in db.session.scalars(
+        select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id))]
+
+
+def test_a_turn_saves_the_prompt_before_the_model_answers(app, alice, ollama):
+    from webapp import service
+    ollama.script(reply="Hello there.")
+    turn = service.start_turn(alice, "Hi!", request_id="r1")
+    # What the caller gets back is readable after the commit, without another query.
+    assert (turn.prompt, turn.model, turn.answer.status) == ("Hi!", "tinyllama", "pending")
+    assert turn.conversation.title == "Hi!" and turn.conversation.active_message_id == turn.message_id
+    final = service.wait_final(turn.message_id, timeout=5)
+    assert final.status == "complete" and final.content == "Hello there."
+    assert rows(turn.conversation_id) == [("user", "complete", "Hi!"), ("assistant", "complete", "Hello there.")]
+    assert service.get_conversation(alice, turn.conversation_id).message_count == 2
+
+
+def test_one_answer_at_a_time_per_conversation(app, alice, ollama):
+    from webapp import service
+    from webapp.errors import ServiceError
+    ollama.script(reply="slow " * 20, delay=0.05)
+    turn = service.start_turn(alice, "first")
+    with pytest.raises(ServiceError) as refused:
+        service.start_turn(alice, "second", turn.conversation_id)
+    assert (refused.value.status, refused.value.code) == (409, "conversation_busy")
+    assert [r[2] for r in rows(turn.conversation_id)] == ["first", ""]  # the refused prompt left nothing
+    service.wait_final(service.stop(alice, turn.conversation_id), timeout=5)
+    wait_idle(app)
+    assert rows(turn.conversation_id)[-1][1] == "cancelled"
+
+
+def test_regenerate_replaces_the_last_answer(app, alice, ollama):
+    from webapp import service
+    ollama.script(reply="one")
+    turn = service.start_turn(alice, "say a number")
+    service.wait_final(turn.message_id, timeout=5)
+    ollama.script(reply="two")
+    again = service.regenerate(alice, turn.conversation_id)
+    assert service.wait_final(again.message_id, timeout=5).content == "two"
+    assert rows(turn.conversation_id) == [("user", "complete", "say a number"), ("assistant", "complete", "two")]
+    assert service.get_conversation(alice, turn.conversation_id).message_count == 2
+
+
+def test_context_is_the_system_prompt_and_the_newest_messages(app, alice, ollama):
+    from webapp import service
+    ollama.script(reply="ok")
+    turn = service.start_turn(alice, "first question")
+    service.wait_final(turn.message_id, timeout=5)
+    service.update_conversation(alice, turn.conversation_id, system_prompt="Be brief.")
+    second = service.start_turn(alice, "second question", turn.conversation_id)
+    service.wait_final(second.message_id, timeout=5)
+    assert ollama.chat_requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second question"}]
+
+
+def test_someone_elses_ids_look_missing(app, alice, ollama):
+    from webapp import service
+    from webapp.errors import ServiceError
+    from webapp.extensions import db
+    from webapp.models import User
+    ollama.script(reply="mine")
+    turn = service.start_turn(alice, "private")
+    service.wait_final(turn.message_id, timeout=5)
+    make_user(app, "mallory")
+    mallory = db.session.scalar(select(User).where(User.username == "mallory"))
+    for call in (lambda: service.get_conversation(mallory, turn.conversation_id),
+                 lambda: service.get_message(mallory, turn.message_id),
+                 lambda: service.get_message(alice, turn.message_id, turn.conversation_id + 1),
+                 lambda: service.export_markdown(mallory, turn.conversation_id),
+                 lambda: service.start_turn(mallory, "hi", turn.conversation_id)):
+        with pytest.raises(ServiceError) as refused:
+            call()
+        assert refused.value.status == 404
+
+
+def test_export_reads_the_whole_conversation(app, alice, ollama):
+    from webapp import service
+    ollama.script(reply="**bold** answer")
+    turn = service.start_turn(alice, "a question")
+    service.wait_final(turn.message_id, timeout=5)
+    conversation, text = service.export_markdown(alice, turn.conversation_id)
+    assert text.startswith("# a question\n") and "## You\n\na question" in text
+    assert "## Assistant (tinyllama)\n\n**bold** answer" in text
+
+
+def test_a_new_turn_uses_few_statements(app, alice, ollama):
+    """One transaction saves the prompt, claims the conversation and creates the answer: count them."""
+    from webapp import service
+    from webapp.extensions import db
+    ollama.script(reply="ok")
+    first = service.start_turn(alice, "warm up")
+    service.wait_final(first.message_id, timeout=5)
+    wait_idle(app)
+    statements = []
+    engine = db.engine
+    me = threading.get_ident()
+
+    def listener(conn, cursor, statement, *args):
+        if threading.get_ident() == me:  # not the background generations' own statements
+            statements.append(statement)
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        turn = service.start_turn(alice, "again", first.conversation_id)
+        here = len(statements)
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    service.wait_final(turn.message_id, timeout=5)
+    # SELECT conversation, INSERT prompt and answer, claim UPDATE, context SELECT (+ SQLite's RETURNING
+    # may split the INSERT in two): nothing else before the model is called.
+    assert here <= 6, statements[:here]
+    assert db.session.scalar(select(func.count()).select_from(db.Model.metadata.tables["messages"])) == 4

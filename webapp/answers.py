@@ -1,0 +1,209 @@
+"""An answer's life, start to end, in the database: the one writer of a conversation's busy flag
+(`active_message_id`) and of an answer's final status.
+
+    open_answer  -> the answer row exists and its conversation is claimed (one turn at a time)
+    flush        -> the text so far is saved (throttled by the generator; the first flush also marks
+                    the answer 'streaming')
+    finish       -> the final status, text and usage are saved and the conversation freed, together
+    orphans      -> an answer whose worker died (stale heartbeat) is saved as 'interrupted'
+
+It knows nothing of threads, generators or requests. "Is this answer being generated in this process
+right now?" is asked through `is_live`, a callable handed in by whoever runs generations (see
+webapp/generation.py), so this module never imports them.
+"""
+import logging
+import time
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy.orm.attributes import set_committed_value
+
+from .errors import ServiceError, not_found
+from .extensions import db
+from .models import ACTIVE_STATUSES, COMPLETE, INTERRUPTED, PENDING, STREAMING, Conversation, Message, utcnow
+
+log = logging.getLogger(__name__)
+INTERRUPTED_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
+SAVE_ATTEMPTS = 3
+
+
+def _never_live(message_id):
+    return False
+
+
+# ---- start ------------------------------------------------------------------------------------------
+
+def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_live=_never_live):
+    """In the caller's transaction: add the prompt (if any) and an empty answer, and claim the
+    conversation with a compare-and-set on its busy flag. Nothing is committed here. Returns
+    (prompt_message, answer); raises 409 when another answer is running (or 404 if it vanished).
+    An answer orphaned by a dead worker does not block: it is saved as interrupted, and the claim
+    tried once more. `replaces`: the id of an answer the new one takes the place of (regenerate)."""
+    for attempt in range(2):
+        now = utcnow()
+        rows = [Message(conversation_id=conversation.id, role="user", content=prompt, status=COMPLETE,
+                        request_id=request_id, created_at=now)] if prompt is not None else []
+        answer = Message(conversation_id=conversation.id, role="assistant", content="", status=PENDING,
+                         model=model, request_id=request_id, heartbeat_at=now, created_at=now)
+        count = conversation.message_count + len(rows) + 1
+        if replaces is not None:
+            count -= db.session.execute(delete(Message).where(Message.id == replaces)).rowcount
+        db.session.add_all(rows + [answer])
+        db.session.flush()
+        if _claim(conversation.id, answer.id, count, now):
+            for name, value in (("active_message_id", answer.id), ("message_count", count), ("updated_at", now)):
+                set_committed_value(conversation, name, value)
+            return (rows[0] if rows else None), answer
+        conversation_id = conversation.id
+        db.session.rollback()
+        if db.session.scalar(select(Conversation.id).where(Conversation.id == conversation_id)) is None:
+            raise not_found("conversation", "conversation_id")  # deleted meanwhile
+        if attempt or not free_if_orphaned(conversation_id, is_live):
+            break
+    raise ServiceError(409, "conversation_busy", "an answer is already being generated in this conversation; "
+                                                 "wait for it or stop it first")
+
+
+def _claim(conversation_id, answer_id, message_count, now):
+    return db.session.execute(update(Conversation).where(
+        Conversation.id == conversation_id, Conversation.active_message_id.is_(None)).values(
+        active_message_id=answer_id, message_count=message_count, updated_at=now)).rowcount == 1
+
+
+# ---- while generating -----------------------------------------------------------------------------
+
+def flush(texts):
+    """Save the text so far of several answers ({message id: text}) in one transaction, one
+    executemany: a worker's flushes cost one commit per tick, however many answers it runs. The
+    first flush of an answer marks it 'streaming'; an answer already final is left alone."""
+    table = Message.__table__
+    db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
+                                           table.c.status.in_(ACTIVE_STATUSES))
+                       .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
+                       [{"message_id": message_id, "text": text} for message_id, text in texts.items()])
+    db.session.commit()
+
+
+def beat(message_ids):
+    """The generating worker is alive: one statement for all its answers."""
+    db.session.execute(update(Message).where(Message.id.in_(message_ids), Message.status.in_(ACTIVE_STATUSES))
+                       .values(heartbeat_at=utcnow()))
+    db.session.commit()
+
+
+def request_cancel(message_id):
+    """Stop, from any worker: the generating worker sees the flag on its next watchdog tick."""
+    db.session.execute(update(Message).where(Message.id == message_id).values(cancel_requested=True))
+    db.session.commit()
+
+
+def cancel_requested(message_ids):
+    """Which of these answers someone asked to stop, or deleted (read without holding the connection)."""
+    rows = db.session.execute(select(Message.id, Message.cancel_requested).where(Message.id.in_(message_ids))).all()
+    db.session.rollback()
+    existing = {message_id: flagged for message_id, flagged in rows}
+    return [message_id for message_id in message_ids if existing.get(message_id, True)]
+
+
+# ---- the end ----------------------------------------------------------------------------------------
+
+def finish(message_id, conversation_id, status, text, code=None, error=None, usage=None):
+    """The final write: the answer's outcome and the conversation's busy flag, in one transaction,
+    retried a few times so a database hiccup does not leave the answer 'streaming'."""
+    now = utcnow()
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            db.session.execute(update(Message).where(Message.id == message_id).values(
+                content=text, status=status, error_code=code, error=error, heartbeat_at=now, **(usage or {})))
+            _release(conversation_id, message_id, updated_at=now)
+            db.session.commit()
+            return True
+        except Exception:
+            db.session.rollback()
+            log.exception("saving message %s failed (attempt %d)", message_id, attempt)
+            time.sleep(0.5 * attempt)
+    return False
+
+
+def interrupted(message_id, conversation_id, text):
+    """The worker is shutting down: save the answer as interrupted, with its text so far."""
+    return finish(message_id, conversation_id, INTERRUPTED, text, "interrupted", INTERRUPTED_MESSAGE)
+
+
+def _release(conversation_id, message_id, **values):
+    db.session.execute(update(Conversation).where(Conversation.id == conversation_id,
+                                                  Conversation.active_message_id == message_id)
+                       .values(active_message_id=None, **values))
+
+
+# ---- answers orphaned by a dead worker ---------------------------------------------------------------
+
+def _stale_before():
+    return utcnow() - timedelta(seconds=current_app.config["STALE_AFTER_SECONDS"])
+
+
+def interrupt_if_orphaned(message, is_live):
+    """An answer still active whose heartbeat stopped was orphaned by a crash or restart: save it as
+    interrupted with its partial text, and free its conversation for a retry. True if it was."""
+    if message.status not in ACTIVE_STATUSES or is_live(message.id):
+        return False
+    cutoff = _stale_before()
+    if message.heartbeat_at is not None and message.heartbeat_at > cutoff:
+        return False
+    changed = db.session.execute(update(Message).where(
+        Message.id == message.id, Message.status.in_(ACTIVE_STATUSES),
+        or_(Message.heartbeat_at.is_(None), Message.heartbeat_at <= cutoff)).values(
+        status=INTERRUPTED, error_code="interrupted", error=INTERRUPTED_MESSAGE)).rowcount
+    _release(message.conversation_id, message.id)
+    db.session.commit()
+    if changed:
+        db.session.refresh(message)
+    return bool(changed)
+
+
+def free_if_orphaned(conversation_id, is_live, active_message_id=None):
+    """If the conversation's running answer belongs to a dead worker (or is gone), free it."""
+    if active_message_id is None:
+        active_message_id = db.session.scalar(select(Conversation.active_message_id)
+                                              .where(Conversation.id == conversation_id))
+    if not active_message_id:
+        return False
+    message = db.session.get(Message, active_message_id)
+    if message is None:
+        _release(conversation_id, active_message_id)
+        db.session.commit()
+        return True
+    return interrupt_if_orphaned(message, is_live)
+
+
+def sweep_orphans(is_live, batch=100):
+    """Save every orphaned answer anywhere as interrupted, so the database tells the truth before
+    anyone looks. Cheap: the partial index ix_messages_active holds only pending/streaming rows."""
+    orphans = db.session.scalars(select(Message).where(
+        Message.status.in_(ACTIVE_STATUSES), Message.heartbeat_at <= _stale_before()).limit(batch)).all()
+    return sum(interrupt_if_orphaned(message, is_live) for message in orphans)
+
+
+def start_orphan_sweeper(app, is_live, spawn):
+    """Every ORPHAN_SWEEP_SECONDS (in each served process), sweep_orphans. Every worker sweeps; the
+    guarded UPDATE makes doing it twice harmless. `spawn` runs the loop in the background."""
+    every = app.config["ORPHAN_SWEEP_SECONDS"]
+    if every <= 0:
+        return None  # off: reads still find orphans (free_if_orphaned, interrupt_if_orphaned)
+
+    def loop():
+        with app.app_context():
+            while True:
+                time.sleep(every)
+                try:
+                    reaped = sweep_orphans(is_live)
+                    if reaped:
+                        log.warning("saved %d answer(s) orphaned by a dead worker as interrupted", reaped)
+                except Exception:  # a database hiccup must not end the sweeper
+                    log.exception("orphan sweep failed")
+                    db.session.rollback()
+                finally:
+                    db.session.remove()
+    return spawn(loop, name="orphan-sweeper")
+

@@ -1,0 +1,30 @@
+"""The chat service: the single place where conversations change and turns happen, shared by the
+JSON API (webapp/api/) and the pages (webapp/web/). Views call only what this façade exports.
+
+    conversations  find, list, search, create, change, delete; messages
+    turns          start a turn, regenerate, follow an answer, wait for it, stop it
+    export         a conversation as Markdown
+"""
+from .conversations import (
+                            create_conversation,
+                            decode_cursor,
+                            delete_conversation,
+                            get_conversation,
+                            get_message,
+                            list_conversations,
+                            list_messages,
+                            search_conditions,
+                            update_conversation,
+)
+from .export import export_markdown
+from .messages import end_reads, is_active, is_answered, usage_dict
+from .turns import Turn, build_context, follow, regenerate, start_turn, stop, wait_final
+from .validation import clean_model, clean_system_prompt, clean_text, clean_title
+
+__all__ = [
+    "create_conversation", "decode_cursor", "delete_conversation", "get_conversation", "get_message",
+    "list_conversations", "list_messages", "search_conditions", "update_conversation", "export_markdown",
+    "Turn", "build_context", "follow", "regenerate", "start_turn", "stop", "wait_final",
+    "clean_model", "clean_system_prompt", "clean_text", "clean_title",
+    "end_reads", "is_active", "is_answered", "usage_dict",
+]

@@ -1,0 +1,150 @@
+"""The caller's conversations and their messages: find, list (keyset pages, search), create,
+change, delete. Every id is looked up through the caller: someone else's id looks like a missing one."""
+import base64
+from datetime import datetime
+
+from flask import current_app
+from sqlalchemy import and_, delete, exists, or_, select
+
+from .. import answers
+from ..errors import ServiceError, not_found
+from ..extensions import db
+from ..generation import generations
+from ..limits import MAX_ID
+from ..models import FINAL_STATUSES, Conversation, Message, utcnow
+from .validation import as_id, clean_model, clean_system_prompt, clean_title
+
+
+def get_conversation(user, conversation_id):
+    conversation = None
+    if as_id(conversation_id) is not None:
+        conversation = db.session.scalar(select(Conversation).where(
+            Conversation.id == int(conversation_id), Conversation.user_id == user.id))
+    if conversation is None:
+        raise not_found("conversation", "conversation_id")
+    return conversation
+
+
+def create_conversation(user, title=None, model=None, system_prompt="", commit=True):
+    now = utcnow()
+    conversation = Conversation(user_id=user.id, title=title or "New chat", message_count=0,
+                                model=model or current_app.config["DEFAULT_MODEL"],
+                                system_prompt=system_prompt or "", created_at=now, updated_at=now)
+    db.session.add(conversation)
+    if commit:
+        db.session.commit()
+    return conversation
+
+
+def update_conversation(user, conversation_id, title=None, model=None, system_prompt=None):
+    conversation = get_conversation(user, conversation_id)
+    if title is not None:
+        conversation.title = clean_title(title)
+    if model is not None:
+        conversation.model = clean_model(model)
+    if system_prompt is not None:
+        conversation.system_prompt = clean_system_prompt(system_prompt)
+    conversation.updated_at = utcnow()
+    db.session.commit()
+    return conversation
+
+
+def delete_conversation(user, conversation_id):
+    """Delete it with its messages. A running answer is stopped: at once when it runs here, and by
+    the generating worker's watchdog elsewhere (it notices its row is gone)."""
+    conversation = get_conversation(user, conversation_id)
+    active = conversation.active_message_id
+    db.session.execute(delete(Message).where(Message.conversation_id == conversation.id))
+    db.session.delete(conversation)
+    db.session.commit()
+    if active:
+        generations.abort(active)
+
+
+def request_stop(message_id):
+    answers.request_cancel(message_id)
+    generations.abort(message_id)  # at once when it runs here; other workers see the flag
+
+
+def free_if_orphaned(conversation):
+    """Conversations answering right now (rare) are checked for an answer orphaned by a dead worker."""
+    if conversation.active_message_id:
+        answers.free_if_orphaned(conversation.id, generations.is_live, conversation.active_message_id)
+
+
+# ---- lists ------------------------------------------------------------------------------------------
+
+def encode_cursor(conversation):
+    raw = f"{conversation.updated_at.isoformat()}|{conversation.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor):
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, conversation_id = raw.split("|")
+        return datetime.fromisoformat(stamp), min(int(conversation_id), MAX_ID)
+    except (ValueError, UnicodeDecodeError):
+        raise ServiceError(400, "invalid_field", "cursor is not valid", "cursor") from None
+
+
+def list_conversations(user, limit=20, cursor=None, query=None):
+    """Newest first, keyset-paginated on (updated_at, id) so page 500 costs what page 1 does."""
+    rows = db.session.scalars(conversations_query(user.id, cursor, query).limit(limit + 1)).all()
+    page = rows[:limit]
+    for conversation in page:
+        free_if_orphaned(conversation)
+    return page, (encode_cursor(page[-1]) if len(rows) > limit else None)
+
+
+def conversations_query(user_id, cursor=None, query=None):
+    stmt = select(Conversation).where(Conversation.user_id == user_id)
+    if cursor:
+        stamp, last_id = decode_cursor(cursor)
+        stmt = stmt.where(or_(Conversation.updated_at < stamp,
+                              and_(Conversation.updated_at == stamp, Conversation.id < last_id)))
+    if query:
+        title_matches, message_matches = search_conditions(query)
+        stmt = stmt.where(or_(title_matches, exists().where(Message.conversation_id == Conversation.id,
+                                                            *message_matches)))
+    return stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+
+
+def search_conditions(query):
+    """Case-insensitive substring match on titles and on finished messages. Finished only: that is
+    what PostgreSQL's partial trigram index holds (migration 0003); a streaming answer is found once
+    it ends."""
+    pattern = f"%{_escape_like(query.strip())}%"
+    return (Conversation.title.ilike(pattern, escape="\\"),
+            (Message.status.in_(FINAL_STATUSES), Message.content.ilike(pattern, escape="\\")))
+
+
+def _escape_like(text):
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def list_messages(user, conversation_id, limit=50, before=None):
+    """Newest page first (returned oldest-to-newest); `before` is a message id cursor."""
+    conversation = get_conversation(user, conversation_id)
+    free_if_orphaned(conversation)
+    stmt = select(Message).where(Message.conversation_id == conversation.id)
+    if before is not None:
+        stmt = stmt.where(Message.id < min(before, MAX_ID))
+    rows = db.session.scalars(stmt.order_by(Message.id.desc()).limit(limit + 1)).all()
+    page = list(reversed(rows[:limit]))
+    return conversation, page, (page[0].id if len(rows) > limit else None)
+
+
+def get_message(user, message_id, conversation_id=None):
+    """The caller's message (in that conversation, when one is named), or a 404."""
+    message = None
+    if as_id(message_id) is not None and (conversation_id is None or as_id(conversation_id) is not None):
+        stmt = select(Message).join(Conversation).where(Message.id == int(message_id),
+                                                        Conversation.user_id == user.id)
+        if conversation_id is not None:
+            stmt = stmt.where(Message.conversation_id == conversation_id)
+        message = db.session.scalar(stmt)
+    if message is None:
+        raise not_found("message", "message_id")
+    answers.interrupt_if_orphaned(message, generations.is_live)  # a dead worker's: say so, not "streaming"
+    return message

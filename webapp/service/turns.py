@@ -1,0 +1,198 @@
+"""A turn: save the prompt, claim the conversation and create the answer in one transaction, hand
+generation to the background (webapp/generation.py), and let callers follow it. No database
+connection is held while waiting on the LLM; every read and write here is a short transaction."""
+import time
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import and_, or_, select
+
+from .. import answers
+from ..errors import ServiceError
+from ..extensions import db, llm_service
+from ..generation import Job, generations
+from ..models import COMPLETE, FINAL_STATUSES, Conversation, Message
+from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
+from .validation import clean_model, clean_prompt, title_from
+
+COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
+
+
+@dataclass
+class Turn:
+    """What a started turn is. The rows are detached copies as they were committed: safe to render
+    after the request's session has moved on (another request may delete the originals)."""
+    conversation: Conversation
+    user_message: Message | None
+    answer: Message
+
+    @property
+    def conversation_id(self):
+        return self.conversation.id
+
+    @property
+    def message_id(self):
+        return self.answer.id
+
+    @property
+    def user_message_id(self):
+        return self.user_message.id if self.user_message else None
+
+    @property
+    def model(self):
+        return self.answer.model
+
+    @property
+    def prompt(self):
+        return self.user_message.content if self.user_message else None
+
+
+def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, options=None,
+               keep_model=False):
+    """Save the prompt, claim the conversation, start generating; returns the Turn at once.
+    `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's."""
+    prompt = clean_prompt(prompt)
+    model = clean_model(model) if model is not None else None
+    if conversation_id is None:
+        conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
+        db.session.flush()
+        history = []  # a new conversation has nothing before this prompt
+    else:
+        conversation = get_conversation(user, conversation_id)
+        if keep_model and model:
+            conversation.model = model
+        history = None
+    model = model or conversation.model
+    prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
+                                                 is_live=generations.is_live)
+    return _launch(conversation, prompt_message, answer, options, history)
+
+
+def regenerate(user, conversation_id, model=None, request_id=None, options=None):
+    """Run the last turn again. The last answer (failed, stopped or fine) is replaced by the new one."""
+    conversation = get_conversation(user, conversation_id)
+    model = clean_model(model) if model else conversation.model
+    last = db.session.execute(select(Message.id, Message.role).where(Message.conversation_id == conversation.id)
+                              .order_by(Message.id.desc()).limit(1)).first()
+    if last is None:
+        raise ServiceError(409, "nothing_to_regenerate", "this conversation has no message to answer again")
+    replaces = last.id if last.role == "assistant" else None
+    _, answer = answers.open_answer(conversation, model, request_id, replaces=replaces,
+                                    is_live=generations.is_live)
+    return _launch(conversation, None, answer, options, None)
+
+
+def _launch(conversation, prompt_message, answer, options, history):
+    messages = build_context(conversation, answer.id, history, prompt_message)
+    job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
+              options=options or {}, request_id=answer.request_id)
+    rows = [row for row in (conversation, prompt_message, answer) if row is not None]
+    for row in rows:
+        db.session.expunge(row)  # keeps what was written, readable after the commit
+    db.session.commit()  # the prompt is safe before the LLM is called, and no connection is held after
+    generations.launch(job, llm_service.client)
+    return Turn(conversation, prompt_message, answer)
+
+
+def build_context(conversation, answer_id, history=None, prompt_message=None):
+    """System prompt + newest messages within the budget. Costs the same for 10 or 10,000 messages:
+    one index range scan backwards from the answer, LIMIT-ed. Failed and stopped answers are left out.
+    `history` given (a new conversation) skips the query."""
+    config = current_app.config
+    if history is None:
+        rows = db.session.execute(
+            select(Message.role, Message.content).where(
+                Message.conversation_id == conversation.id, Message.id < answer_id,
+                or_(Message.role == "user", and_(Message.role == "assistant", Message.status == COMPLETE)))
+            .order_by(Message.id.desc()).limit(config["CONTEXT_MAX_MESSAGES"])).all()
+    else:
+        rows = [(m.role, m.content) for m in reversed(history + [prompt_message] if prompt_message else history)]
+    budget = config["CONTEXT_MAX_CHARS"] - len(conversation.system_prompt or "")
+    kept = []
+    for role, content in rows:
+        if kept and len(content) > budget:
+            break
+        kept.append({"role": role, "content": content})
+        budget -= len(content)
+    kept.reverse()
+    if conversation.system_prompt:
+        kept.insert(0, {"role": "system", "content": conversation.system_prompt})
+    return kept
+
+
+# ---- following and stopping -----------------------------------------------------------------------
+
+def follow(message_id, poll=0.3, keepalive=10.0):
+    """Yield ("token", text) as the answer grows, then ("done", Message) once it is final.
+
+    Replays from the start, so a client that re-attaches gets the whole answer. Tokens come from
+    this process's live generation when it is here, else from the row the generating worker
+    flushes (so it works from any worker or replica). ("idle", None) comes after each quiet poll
+    (a tick for throttled renderers), and ("ping", None) every `keepalive` seconds of silence, to
+    let the caller notice a client that went away.
+    """
+    sent, idle_since = 0, time.monotonic()
+    while True:
+        live = generations.get(message_id)
+        if live is not None:
+            live.wait(sent, timeout=poll)
+            if not live.done and len(live.text) > sent:
+                time.sleep(COALESCE_SECONDS)  # a few tokens per event, not one wake-up per token
+            text, finished = live.text, False  # the final state is read from the row below
+        else:
+            message = _fresh_message(message_id)
+            if message is None:
+                return
+            if answers.interrupt_if_orphaned(message, generations.is_live):
+                message = _fresh_message(message_id)
+            text, finished = message.content, message.status in FINAL_STATUSES
+        if len(text) > sent:
+            yield "token", text[sent:]
+            sent, idle_since = len(text), time.monotonic()
+        elif not finished:
+            yield "idle", None
+        if finished:
+            yield "done", _fresh_message(message_id)
+            return
+        if live is None:
+            time.sleep(poll)
+        if time.monotonic() - idle_since >= keepalive:
+            idle_since = time.monotonic()
+            yield "ping", None
+
+
+def wait_final(message_id, timeout=None):
+    """Block until the message is final (or the timeout): the non-streaming API's way to answer.
+    Generated here: wait for its end without waking per token. Elsewhere: follow its row."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    live = generations.get(message_id)
+    if live is not None:
+        live.wait_done(timeout)
+        return _fresh_message(message_id)
+    for kind, value in follow(message_id):
+        if kind == "done":
+            return value
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    return _fresh_message(message_id)
+
+
+def _fresh_message(message_id):
+    """Read the row anew and release the connection at once (followers may wait for minutes)."""
+    db.session.expire_all()
+    message = db.session.get(Message, message_id)
+    if message is not None:
+        db.session.expunge(message)
+    db.session.rollback()  # ends the transaction: the connection goes back to the pool
+    return message
+
+
+def stop(user, conversation_id):
+    """Ask the running answer to stop, from any worker; returns its id (follow it for the outcome)."""
+    conversation = get_conversation(user, conversation_id)
+    free_if_orphaned(conversation)
+    message_id = conversation.active_message_id
+    if not message_id:
+        raise ServiceError(409, "not_generating", "nothing is being generated in this conversation")
+    request_stop(message_id)
+    return message_id
