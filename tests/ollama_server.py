@@ -47,6 +47,7 @@ class FakeOllama:
         self.url = None
         self._server = None
         self._lock = threading.Lock()
+        self._active = 0
         self.reset()
 
     # -- control -------------------------------------------------------------------------------
@@ -88,6 +89,10 @@ class FakeOllama:
         with self._event_added:
             self._event_added.wait_for(found, timeout)
             return found()
+
+    def active_streams(self):
+        """Chat streams being answered right now (capacity tests check they really were open at once)."""
+        return self._active
 
     def resolve(self, name):
         """Ollama adds ':latest' to a name without a tag."""
@@ -301,11 +306,16 @@ class _Handler(BaseHTTPRequestHandler):
         """Start a chunked 200 answer and record it (and a client that hangs up) as events."""
         fake = self.server_state
         fake.record("chat_start", model=model)
+        with fake._lock:
+            fake._active += 1
         try:
             self._start_stream(content_type)
             yield
         except ClientGone:
             fake.record("client_closed", chunks_sent=-1)
+        finally:
+            with fake._lock:
+                fake._active -= 1
 
     # -- /api/chat --------------------------------------------------------------------------------
 
