@@ -22,7 +22,7 @@ import requests  # noqa: E402
 from flask_migrate import upgrade  # noqa: E402
 
 from webapp import create_app  # noqa: E402
-from webapp.auth.passwords import create_user  # noqa: E402
+from webapp.auth.accounts import create_user  # noqa: E402
 
 from live import LiveServer, login, sse_events  # noqa: E402
 from ollama_server import FakeOllama  # noqa: E402

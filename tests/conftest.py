@@ -4,6 +4,7 @@ The PostgreSQL schema is made once per run by the migrations themselves (`flask 
 every test starts from empty tables, so tests are isolated and the migrations are exercised.
 """
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from pg import TestDatabase
 os.environ.pop("DATABASE_URL", None)  # never let a developer's .env point the suite at real data
 os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
 
-TABLES = ("messages", "conversations", "users", "rate_limit_hits")
+TABLES = ("messages", "conversations", "user_sessions", "setup_claims", "users", "rate_limit_hits")
 
 
 
@@ -57,9 +58,17 @@ def ollama(fake_ollama):
 
 def truncate(url):
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
     engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError as exc:  # a live server's worker booting mid-truncate: deadlock, retry
+            if "deadlock" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2)
     engine.dispose()
 
 
@@ -99,6 +108,9 @@ def make_app(database_url, ollama):
             from webapp.extensions import db
             db.session.remove()
             db.engine.dispose()
+        limit_engine = app.extensions.get("auth_limit_engine")  # the sign-in limits' own small pool
+        if limit_engine is not None:
+            limit_engine.dispose()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import requests
 
 PASSWORD = "correct horse battery"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -45,7 +46,7 @@ def wait_idle(app, timeout=10.0):
 
 
 def make_user(app, username="alice", password=PASSWORD, **kwargs):
-    from webapp.auth.passwords import create_user
+    from webapp.auth.accounts import create_user
     with app.app_context():
         user = create_user(username, password, **kwargs)
         return user.id
@@ -125,3 +126,32 @@ def shoot(page, name):
     ARTIFACTS.mkdir(exist_ok=True)
     time.sleep(0.3)  # let the sidebar's slide transition finish
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+
+
+# ---- the security suite: a live app over real HTTP ------------------------------------------------
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf(session, url):
+    return CSRF.search(session.get(url, timeout=30).text).group(1)
+
+
+def page_sign_in(base, username, password, remember=False, session=None):
+    """Sign in through the page like a browser; returns (session, response)."""
+    session = session or requests.Session()
+    data = {"username": username, "password": password, "csrf_token": csrf(session, base + "/login")}
+    if remember:
+        data["remember"] = "1"
+    return session, session.post(base + "/login", data=data, allow_redirects=False, timeout=30)
+
+
+def api_sign_in(base, username, password, session=None):
+    return (session or requests).post(base + "/auth/login", data={"username": username, "password": password},
+                                      timeout=60)
+
+
+def signed_in(session, base):
+    """True when the session's cookies open the settings page (not a redirect to sign-in)."""
+    response = session.get(base + "/settings", allow_redirects=False, timeout=30)
+    return response.status_code == 200

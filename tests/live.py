@@ -48,9 +48,9 @@ class LiveServer:
             try:
                 requests.get(self.url + "/health", timeout=2)
                 return self
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet / worker still booting
+            except (requests.ConnectionError, requests.Timeout):  # a worker still booting on a busy machine
                 time.sleep(0.1)
-        self.kill()
+        self.kill()  # never leave a half-started server behind
         raise RuntimeError("server did not start in time")
 
     def kill(self):

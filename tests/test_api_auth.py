@@ -58,7 +58,7 @@ def test_password_change_invalidates_old_tokens(app, client, user):
     headers = {"Authorization": f"Bearer {token}"}
     assert client.get("/conversations", headers=headers).status_code == 200
     with app.app_context():
-        from webapp.auth.passwords import find_user, set_password
+        from webapp.auth.accounts import find_user, set_password
         set_password(find_user("alice"), "a brand new password")
     assert client.get("/conversations", headers=headers).status_code == 401
 

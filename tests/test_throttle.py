@@ -1,4 +1,5 @@
 """Failed sign-ins are throttled on both doors together; HTTPS and trusted proxies mark cookies Secure."""
+import logging
 import re
 import time
 
@@ -88,17 +89,18 @@ def test_empty_limits_turn_throttling_off(make_app):
 
 
 def test_forwarded_addresses_count_apart_only_behind_a_trusted_proxy(make_app):
-    trusting = make_app(LOGIN_LIMIT_PER_USER="2 per minute", TRUSTED_PROXIES=1)
+    # The per-address limit (the per-user one counts a username from any address, by design).
+    trusting = make_app(LOGIN_LIMIT_PER_ADDRESS="2 per minute", TRUSTED_PROXIES=1)
     make_user(trusting)
     client = trusting.test_client()
     first = {"X-Forwarded-For": "203.0.113.5"}
-    assert [api_login(client, **first).status_code for _ in range(3)] == [401, 401, 429]
+    assert [api_login(client, f"nobody{n}", **first).status_code for n in range(3)] == [401, 401, 429]
     assert api_login(client, password=PASSWORD, **{"X-Forwarded-For": "203.0.113.6"}).status_code == 200
 
     # Without TRUSTED_PROXIES the header is anyone's to forge, so it must not reset the count.
-    direct = make_app(LOGIN_LIMIT_PER_USER="2 per minute")
+    direct = make_app(LOGIN_LIMIT_PER_ADDRESS="2 per minute")
     client = direct.test_client()
-    assert [api_login(client, **first).status_code for _ in range(2)] == [401, 401]
+    assert [api_login(client, f"other{n}", **first).status_code for n in range(2)] == [401, 401]
     assert api_login(client, password=PASSWORD, **{"X-Forwarded-For": "203.0.113.6"}).status_code == 429
 
 
@@ -177,9 +179,25 @@ def test_sign_up_makes_a_few_accounts_per_address_then_says_to_wait(make_app):
     made = [sign_up(f"user{n}") for n in range(3)]
     assert [r.status_code for r in made] == [302, 302, 429]
     html = made[2].get_data(as_text=True)
-    assert "Too many new accounts" in html and 'value="user2"' in html
+    assert "Too many sign-up attempts" in html and 'value="user2"' in html
     assert int(made[2].headers["Retry-After"]) > 60
     assert api_login(app.test_client(), "user2", "x" * 12).status_code == 401  # not created
+
+
+def test_probing_for_taken_names_counts_toward_the_sign_up_limit(make_app):
+    """A person who picks a taken name is told so, but asking "does alice exist?" over and over is
+    throttled like making accounts."""
+    app = make_app(SIGNUP_LIMIT_PER_ADDRESS="3 per hour")
+    make_user(app)
+
+    def sign_up(username):
+        client = app.test_client()
+        return client.post("/register", data={"username": username, "password": "x" * 12, "confirm": "x" * 12,
+                                              "csrf_token": csrf_of(client, "/register")})
+    first = sign_up("alice")
+    assert first.status_code == 422 and "already exists" in first.get_data(as_text=True)
+    assert [sign_up("alice").status_code for _ in range(3)] == [422, 422, 429]
+    assert sign_up("someone-new").status_code == 429
 
 
 def test_a_broken_limit_store_does_not_lock_people_out(make_app, caplog):
@@ -190,6 +208,7 @@ def test_a_broken_limit_store_does_not_lock_people_out(make_app, caplog):
     from webapp.extensions import db
     app = make_app(LOGIN_LIMIT_PER_USER="2 per minute")
     make_user(app)
+    logging.getLogger("webapp").addHandler(caplog.handler)  # the app's logger does not propagate to root
     with app.app_context():
         db.session.execute(text("ALTER TABLE rate_limit_hits RENAME TO rate_limit_hits_away"))
         db.session.commit()
@@ -199,6 +218,7 @@ def test_a_broken_limit_store_does_not_lock_people_out(make_app, caplog):
         assert api_login(client, password=PASSWORD).status_code == 200
         assert "rate_limit_hits" in caplog.text
     finally:
+        logging.getLogger("webapp").removeHandler(caplog.handler)
         with app.app_context():
             db.session.rollback()
             db.session.execute(text("ALTER TABLE rate_limit_hits_away RENAME TO rate_limit_hits"))

@@ -38,7 +38,7 @@ def test_closed_sign_up_says_so(make_app):
     attempt = client.post("/register", data={"username": "eve", "password": "x" * 12, "confirm": "x" * 12,
                                              "csrf_token": token})
     assert attempt.status_code == 404
-    from webapp.auth.passwords import find_user
+    from webapp.auth.accounts import find_user
     with client.application.app_context():
         assert find_user("eve") is None
 

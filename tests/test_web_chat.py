@@ -144,8 +144,9 @@ def test_retry_with_htmx_swaps_in_a_streaming_bubble(browser, ollama):
 def test_regenerate_while_busy_is_refused_in_words(browser, ollama):
     ollama.script(chunks=["z "] * 30, delay=0.1)
     conversation_id = conversation_of(send(browser, "busy"))
-    response = browser.post(f"/c/{conversation_id}/regenerate", headers=htmx(browser))
-    assert response.headers["HX-Retarget"] == "#composer-error"
+    # Refused in the footer of the answer whose Retry was pressed (see webapp/errors.py's table).
+    response = browser.post(f"/c/{conversation_id}/regenerate", data={"message_id": 2}, headers=htmx(browser))
+    assert response.headers["HX-Retarget"] == "#answer-error-2"
     assert "already being generated" in response.get_data(as_text=True)
     browser.post(f"/c/{conversation_id}/stop", headers=htmx(browser))
 
@@ -299,8 +300,10 @@ def test_rename_without_javascript_and_empty_title(browser):
     response = browser.post(f"/c/{conversation_id}/rename", data={"title": "New title", "csrf_token": browser.csrf})
     assert response.status_code == 302
     assert "New title" in browser.get(f"/c/{conversation_id}").get_data(as_text=True)
-    kept = browser.post(f"/c/{conversation_id}/rename", data={"title": "   "}, headers=htmx(browser))
-    assert "New title" in kept.get_data(as_text=True)  # an empty title keeps the old one
+    refused = browser.post(f"/c/{conversation_id}/rename", data={"title": "   "}, headers=htmx(browser))
+    assert refused.headers["HX-Retarget"] == "#rename-error"  # said under the title, not swallowed
+    assert "title must not be empty" in refused.get_data(as_text=True)
+    assert "New title" in browser.get(f"/c/{conversation_id}").get_data(as_text=True)  # the old one is kept
 
 
 def test_pages_need_no_inline_script_style_or_eval(app, browser, ollama):

@@ -50,16 +50,32 @@ def test_sign_out_is_post(browser):
     assert browser.get("/").status_code == 302
 
 
-def test_register_and_first_user_is_admin(make_app):
+def test_register_and_only_the_setup_token_makes_an_admin(make_app):
+    """Being first no longer makes an admin (a race anyone wins); the one-time setup token does."""
+    from webapp.auth.accounts import find_user
+    from webapp.auth.setup import setup_token
     app = make_app()
-    client = app.test_client()
-    token = csrf_of(client, "/register")
-    response = client.post("/register", data={"username": "Neo", "password": "follow the rabbit",
-                                               "confirm": "follow the rabbit", "csrf_token": token})
-    assert response.status_code == 302
-    from webapp.auth.passwords import find_user
+
+    def register(username, **extra):
+        client = app.test_client()
+        page = client.get("/register").get_data(as_text=True)
+        token = csrf_of(client, "/register")
+        return page, client.post("/register", data={"username": username, "password": "follow the rabbit",
+                                                    "confirm": "follow the rabbit", "csrf_token": token, **extra})
+    page, response = register("Neo")
+    assert 'name="setup_token"' in page and response.status_code == 302
+    _, wrong = register("morpheus", setup_token="not-it")
+    assert wrong.status_code == 422 and "setup token is not right" in wrong.get_data(as_text=True)
     with app.app_context():
-        assert find_user("neo").is_admin
+        assert not find_user("neo").is_admin and find_user("morpheus") is None
+        secret = setup_token()
+    page, response = register("Oracle", setup_token=secret)
+    assert 'name="setup_token"' in page and response.status_code == 302
+    page, again = register("smith", setup_token=secret)
+    assert 'name="setup_token"' not in page  # an admin exists: the form stops asking
+    assert again.status_code == 422 and "already been used" in again.get_data(as_text=True)
+    with app.app_context():
+        assert find_user("oracle").is_admin and find_user("smith") is None
     mismatch = app.test_client()
     token = csrf_of(mismatch, "/register")
     response = mismatch.post("/register", data={"username": "trinity", "password": "aaaaaaaaaa",

@@ -3,14 +3,13 @@ import logging
 import sys
 
 from flask import Flask, make_response, request
-from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
 from . import capacity, errors, https
 from . import config as config_module
-from .auth.throttle import limiter, retry_after_seconds
+from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
 from .generation import generations
 from .logs import init_request_ids, setup_logging
@@ -41,7 +40,7 @@ def create_app(overrides=None):
     login_manager.init_app(app)
     csrf.init_app(app)
     htmx.init_app(app)
-    limiter.init_app(app)
+    throttle.init_throttle(app)
     llm_service.init_app(app)
     generations.init_app(app)
     init_request_ids(app)
@@ -57,6 +56,8 @@ def create_app(overrides=None):
     register_cli(app)
     _register_error_handlers(app)
     https.wrap(app)
+    from .auth.setup import announce
+    announce(app)
     return app
 
 
@@ -94,12 +95,13 @@ def _register_error_handlers(app):
     from .api import errors as api_errors
     from .web import errors as web_errors
 
-    @app.errorhandler(RateLimitExceeded)
+    @app.errorhandler(throttle.Throttled)
     def throttled(exc):
-        # Only the sign-in views are limited; the wait is the same on both doors.
+        # Sign-in, sign-up and password checks are limited; the wait is the same on both doors.
         from .auth.views import throttled_page
-        seconds = retry_after_seconds()
-        return api_errors.too_many_sign_ins(seconds) if errors.is_api_request() else throttled_page(seconds)
+        if errors.is_api_request():
+            return api_errors.too_many_sign_ins(exc.retry_after)
+        return throttled_page(exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

@@ -3,7 +3,7 @@ import sys
 
 import click
 
-from .auth.passwords import AccountError, check_password, create_user, find_user, set_password
+from .auth.accounts import AccountError, check_password, create_user, find_user, set_password
 
 
 def read_password():

@@ -3,6 +3,7 @@
 `.env.example` lists each variable with its default; keep the two in step.
 """
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -86,15 +87,23 @@ def load_config():
         "ORPHAN_SWEEP_SECONDS": _float("ORPHAN_SWEEP_SECONDS", 10.0),
         "ALLOW_SIGNUP": _bool("ALLOW_SIGNUP", True),
         "MIN_PASSWORD_LENGTH": _int("MIN_PASSWORD_LENGTH", 8),
+        # Sign-ins waiting for the password-hash pool per process before 503 (0: automatic).
+        "PASSWORD_HASH_QUEUE": _int("PASSWORD_HASH_QUEUE", 0),
+        "PASSWORD_HASH_WAIT": _float("PASSWORD_HASH_WAIT", 10.0),
+        # Browser sessions (and the remember-me cookie) end this many days after sign-in; at most 30.
+        "REMEMBER_DAYS": min(30, max(1, _int("REMEMBER_DAYS", 14))),
         # Failed sign-ins allowed before 429 (both doors together); empty turns a limit off.
         "LOGIN_LIMIT_PER_USER": os.environ.get("LOGIN_LIMIT_PER_USER", "10 per minute;50 per hour").strip(),
         "LOGIN_LIMIT_PER_ADDRESS": os.environ.get("LOGIN_LIMIT_PER_ADDRESS", "100 per hour").strip(),
         "SIGNUP_LIMIT_PER_ADDRESS": os.environ.get("SIGNUP_LIMIT_PER_ADDRESS", "5 per hour").strip(),
         "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI", "").strip() or "database://",
+        # database://'s own connections per process (apart from the request pool), and the longest a
+        # sign-in waits for one before 503 with Retry-After.
+        "LIMIT_STORE_CONNECTIONS": _int("LIMIT_STORE_CONNECTIONS", 2),
+        "LIMIT_STORE_TIMEOUT": _float("LIMIT_STORE_TIMEOUT", 5.0),
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
         # If the limit store fails (a database hiccup, a missed migration), sign-in goes on unthrottled
-        # and the error is logged: locking everyone out would be worse than a brief gap in the limit.
-        "RATELIMIT_SWALLOW_ERRORS": True,
+        # and a warning is logged (auth/throttle.py): locking everyone out would be worse than a gap.
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO").upper(),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
@@ -102,6 +111,7 @@ def load_config():
         "REMEMBER_COOKIE_SECURE": _bool("SESSION_COOKIE_SECURE", False),
         "REMEMBER_COOKIE_HTTPONLY": True,
         "REMEMBER_COOKIE_SAMESITE": "Lax",
+        "REMEMBER_COOKIE_NAME": "remember_token",
         "WTF_CSRF_TIME_LIMIT": None,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
         # The database connection budget of each worker process (see webapp/capacity.py): a request
@@ -110,6 +120,7 @@ def load_config():
         "DB_MAX_OVERFLOW": _int("DB_MAX_OVERFLOW", 0),
         "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 1.0),
     }
+    config["REMEMBER_COOKIE_DURATION"] = timedelta(days=config["REMEMBER_DAYS"])
     # Refuse huge bodies before parsing them: room for the longest prompt in 4-byte UTF-8, plus JSON.
     config["MAX_CONTENT_LENGTH"] = config["MAX_PROMPT_CHARS"] * 4 + 64 * 1024
     return config

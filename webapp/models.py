@@ -3,9 +3,9 @@ from datetime import UTC, datetime
 
 from flask_login import UserMixin
 from sqlalchemy import BigInteger, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text, text
-from sqlalchemy.orm import Mapped, mapped_column
-from werkzeug.security import check_password_hash, generate_password_hash
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from .auth import hashing
 from .extensions import db
 from .limits import MODEL_NAME_MAX, TITLE_MAX
 
@@ -84,15 +84,20 @@ class User(UserMixin, db.Model):
     def normalize(username):
         return (username or "").strip().lower()
 
+    # The browser session this object was loaded for or signed in with (see auth/sessions.py).
+    session_token = None
+
     def set_password(self, password):
-        self.password_hash = generate_password_hash(password)
+        # Hashing runs in the password pool; callers release their database connection first.
+        self.password_hash = hashing.generate(password)
 
     def check_password(self, password):
-        return check_password_hash(self.password_hash, password or "")
+        return hashing.check(self.password_hash, password or "")
 
     def get_id(self):
-        # flask-login keeps this in the session; a bumped version ends old sessions.
-        return f"{self.id}:{self.token_version}"
+        # flask-login keeps this in the session cookie (and the remember cookie): the random token of
+        # a row in user_sessions, never the user id, so signing out on the server ends the cookie.
+        return f"s:{self.session_token}" if self.session_token else None
 
 
 class Conversation(db.Model):
@@ -210,3 +215,34 @@ class RateLimitHit(db.Model):
     key: Mapped[str] = mapped_column(String(64))
     at: Mapped[float] = mapped_column(Double)  # Unix time, as the `limits` library counts
     expires_at: Mapped[float] = mapped_column(Double, index=True)
+
+
+class UserSession(db.Model):
+    """One signed-in browser. The cookie holds a random token; this row holds its SHA-256, so the
+    server can end a session (sign-out, sign-out everywhere, password change) and list them."""
+    __tablename__ = "user_sessions"
+    __table_args__ = (Index("ix_user_sessions_user_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    remember: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Never valid after this (issue time + REMEMBER_DAYS), remembered or not.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ip: Mapped[str | None] = mapped_column(SafeString(64), nullable=True)
+    user_agent: Mapped[str | None] = mapped_column(SafeString(256), nullable=True)
+
+    user = relationship("User")
+
+
+class SetupClaim(db.Model):
+    """One-time setup steps, claimed by inserting their row: the primary key makes the claim atomic,
+    so of any number of simultaneous sign-ups with the setup token exactly one becomes admin."""
+    __tablename__ = "setup_claims"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

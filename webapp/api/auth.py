@@ -1,16 +1,14 @@
 """POST /auth/login: the OAuth2 password grant, as a form, answering a bearer token."""
 from flask import g, jsonify, request
 
-from ..auth import tokens
-from ..auth.passwords import authenticate, revoke_all
-from ..auth.throttle import sign_in_limits
+from ..auth import throttle, tokens
+from ..auth.accounts import authenticate, revoke_all
 from . import bp
 from .errors import error_response
 from .guard import token_required
 
 
 @bp.post("/auth/login")
-@sign_in_limits
 def login():
     form = request.form
     if form.get("grant_type") not in (None, "", "password"):
@@ -19,7 +17,12 @@ def login():
     for field in ("username", "password"):
         if not form.get(field):
             return error_response(422, "invalid_field", f"{field} is required (form field)", field)
-    user = authenticate(form["username"], form["password"])
+    attempt = throttle.sign_in(form["username"])  # before the hash; raises Throttled (429)
+    with attempt:  # a 503 (password pool full) gives the hit back
+        user = authenticate(form["username"], form["password"])
+    if user is not None:
+        attempt.succeeded()  # counted by outcome: a right password gives its hits back
+        throttle.remember_device(user.username)
     if user is None:
         # Same answer whether the user is missing, inactive or the password is wrong.
         return error_response(401, "invalid_credentials", "incorrect username or password",
@@ -32,5 +35,13 @@ def login():
 @token_required
 def revoke():
     """Sign out everywhere: this token, every other token and every browser session of the caller."""
+    revoke_all(g.api_user)
+    return "", 204
+
+
+@bp.post("/auth/logout-all")
+@token_required
+def logout_all():
+    """Sign out everywhere: every bearer token and browser session of the caller."""
     revoke_all(g.api_user)
     return "", 204

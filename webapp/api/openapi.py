@@ -94,7 +94,11 @@ SPEC = {
                     "grant_type": {"const": "password"}, "scope": {"type": "string"}}}}}},
             "responses": {"200": _json({"type": "object", "properties": {
                 "access_token": {"type": "string"}, "token_type": {"const": "bearer"},
-                "expires_in": {"type": "integer"}}}), **_errors("400", "401", "422", "429")}}},
+                "expires_in": {"type": "integer"}}}), **_errors("400", "401", "422", "429", "503")}}},
+        "/auth/logout-all": {"post": {
+            "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
+            "responses": {"204": {"description": "Signed out everywhere; sign in again for a new token"},
+                          **_errors("401")}}},
         "/auth/revoke": {"post": {
             "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
             "responses": {"204": {"description": "Revoked; sign in again for a new token"}, **_errors("401")}}},

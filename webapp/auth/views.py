@@ -1,11 +1,20 @@
 """Sign in, sign out, registration and password change for the browser door."""
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
-from flask_login import current_user, login_required, login_user, logout_user
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required, logout_user
 
-from .passwords import AccountError, authenticate, create_user, set_password
-from .throttle import sign_in_limits, sign_up_limit, wait_in_words
+from . import sessions, setup, throttle
+from .accounts import (
+    AccountError,
+    authenticate,
+    check_current_password,
+    check_username,
+    create_user,
+    revoke_all,
+    set_password,
+)
+from .throttle import wait_in_words
 
 bp = Blueprint("auth", __name__)
 
@@ -24,16 +33,20 @@ def safe_next(target):
 
 
 @bp.route("/login", methods=["GET", "POST"])
-@sign_in_limits
 def login():
     next_url = safe_next(request.values.get("next"))
     if current_user.is_authenticated:
         return redirect(next_url or url_for("web.index"))
     error = None
     if request.method == "POST":
-        user = authenticate(request.form.get("username", ""), request.form.get("password", ""))
+        username = request.form.get("username", "")
+        attempt = throttle.sign_in(username)  # before the hash; raises Throttled (429)
+        with attempt:  # a 503 (password pool full) gives the hit back
+            user = authenticate(username, request.form.get("password", ""))
         if user is not None:
-            login_user(user, remember=bool(request.form.get("remember")))
+            attempt.succeeded()
+            throttle.remember_device(user.username)
+            sessions.start(user, remember=bool(request.form.get("remember")))
             return redirect(next_url or url_for("web.index"))
         error = "Incorrect username or password."
     return _login_page(error, next_url), (401 if error else 200)
@@ -49,8 +62,9 @@ def throttled_page(seconds):
     """The same page again, saying why it refuses and for how long; what was typed is kept."""
     wait = wait_in_words(seconds)
     if request.endpoint == "auth.register":
-        page = render_template("register.html", username=request.form.get("username", ""),
-                               error=f"Too many new accounts from your network. Please wait {wait} and try again.")
+        page = _register_page(f"Too many sign-up attempts from your network. Please wait {wait} and try again.")
+    elif request.endpoint == "auth.settings":
+        page = _settings_page(f"Too many wrong passwords. Please wait {wait} and try again.")
     else:
         page = _login_page(f"Too many failed sign-in attempts. Please wait {wait} and try again.",
                            safe_next(request.values.get("next")))
@@ -59,13 +73,43 @@ def throttled_page(seconds):
 
 @bp.post("/logout")
 def logout():
+    """Sign out: the session ends on the server too, so a copy of the cookie is worth nothing."""
+    if current_user.is_authenticated:
+        sessions.end_current()
     logout_user()
     flash("You are signed out.")
     return redirect(url_for("auth.login"))
 
 
+@bp.post("/logout-all")
+@login_required
+def logout_all():
+    """Sign out everywhere: every browser session and every bearer token of this account."""
+    revoke_all(current_user._get_current_object())
+    logout_user()
+    flash("You are signed out everywhere.")
+    return redirect(url_for("auth.login"))
+
+
+@bp.post("/settings/sessions/<int:session_id>/revoke")
+@login_required
+def revoke_session(session_id):
+    if not sessions.revoke(session_id, user_id=current_user.id):
+        abort(404)
+    if session_id == sessions.current_id():
+        logout_user()
+        return redirect(url_for("auth.login"))
+    flash("That session is signed out.")
+    return redirect(url_for("auth.settings"))
+
+
+def _register_page(error=None):
+    admin_needed = setup.admin_needed()
+    return render_template("register.html", error=error, username=request.form.get("username", ""),
+                           admin_needed=admin_needed)
+
+
 @bp.route("/register", methods=["GET", "POST"])
-@sign_up_limit
 def register():
     if not current_app.config["ALLOW_SIGNUP"]:
         # 404 like any missing page, but in words: the operator turned sign-up off.
@@ -80,14 +124,23 @@ def register():
             error = "The two passwords do not match."
         else:
             try:
-                user = create_user(request.form.get("username", ""), password)
+                check_username(request.form.get("username", ""))
+                with throttle.sign_up():  # every well-formed attempt counts: made, or the name was taken
+                    user = create_user(request.form.get("username", ""), password,
+                                       setup_token=request.form.get("setup_token", "").strip() or None)
             except AccountError as exc:
                 error = str(exc).capitalize() + "."
             else:
-                login_user(user)
+                throttle.remember_device(user.username)
+                sessions.start(user)
                 return redirect(url_for("web.index"))
-    return render_template("register.html", error=error,
-                           username=request.form.get("username", "")), (422 if error else 200)
+    return _register_page(error), (422 if error else 200)
+
+
+def _settings_page(error=None, done=False):
+    user = current_user._get_current_object()
+    return render_template("settings.html", error=error, done=done, sessions=sessions.active(user.id),
+                           current_session=sessions.current_id(), device_name=sessions.device_name)
 
 
 @bp.route("/settings", methods=["GET", "POST"])
@@ -97,16 +150,22 @@ def settings():
     if request.method == "POST":
         user = current_user._get_current_object()
         new = request.form.get("new_password", "")
-        if not user.check_password(request.form.get("current_password", "")):
-            error = "Your current password is not right."
-        elif new != request.form.get("confirm", ""):
+        current_session = sessions.current_id()
+        if new != request.form.get("confirm", ""):
             error = "The two new passwords do not match."
         else:
-            try:
-                set_password(user, new)  # ends every other session and API token
-            except AccountError as exc:
-                error = str(exc).capitalize() + "."
+            attempt = throttle.password_check(user.id)  # before the hash; raises Throttled (429)
+            with attempt:
+                checked = check_current_password(user, request.form.get("current_password", ""))
+            if checked is None:
+                error = "Your current password is not right."
             else:
-                login_user(user)  # this browser stays signed in with the new session id
-                done = True
-    return render_template("settings.html", error=error, done=done), (422 if error else 200)
+                attempt.succeeded()
+                try:
+                    # Ends every other session and every API token; this browser stays signed in.
+                    set_password(checked, new, keep_session=current_session)
+                except AccountError as exc:
+                    error = str(exc).capitalize() + "."
+                else:
+                    done = True
+    return _settings_page(error, done), (422 if error else 200)

@@ -1,7 +1,7 @@
 """The browser door: server-rendered pages and htmx fragments, signed in with a session cookie."""
-from flask import Blueprint, flash, g, url_for
+from flask import Blueprint, flash, url_for
 
-from ..auth.passwords import user_for_session
+from ..auth import sessions
 from ..extensions import login_manager
 from .htmx import go_to
 
@@ -15,11 +15,8 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
 
 @login_manager.user_loader
 def load_user(session_id):
-    """Session ids are 'user_id:token_version', so a password change ends other sessions."""
-    user = user_for_session(session_id)
-    if user is not None:
-        g.user_name = user.username  # for the access log line
-    return user
+    """The cookie holds a server-side session's random token; ended sessions load nobody."""
+    return sessions.load(session_id)
 
 
 @login_manager.unauthorized_handler
@@ -39,6 +36,7 @@ def init_web(app):
     app.register_blueprint(bp)
     app.register_blueprint(auth_views.bp)
     login_manager.login_view = "auth.login"
+    sessions.init_sessions(app)
 
     @app.after_request
     def security_headers(response):
