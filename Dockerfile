@@ -26,4 +26,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3)"
 
 # Upgrade the schema, then hand PID 1 to gunicorn so it gets the stop signal.
-CMD ["sh", "-c", "flask db upgrade && exec gunicorn -c python:webapp.gunicorn_conf 'webapp:create_app()'"]
+CMD ["sh", "-c", "flask db upgrade && exec gunicorn -c webapp/gunicorn_conf.py 'webapp:create_app()'"]

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "DATABASE_URL": database_url, "OLLAMA_URL": ollama_url,
                     "SECRET_KEY": os.environ["SECRET_KEY"], "PORT": str(self.port),
-                    "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": "16", "LOG_LEVEL": "INFO",
+                    "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "INFO",
                     "DEFAULT_MODEL": "tinyllama", "LLM_CONNECT_TIMEOUT": "1", "LLM_READ_TIMEOUT": "2",
                     "OLLAMA_LOAD_TIMEOUT": "2", "STREAM_FLUSH_SECONDS": "0.05", "HEARTBEAT_SECONDS": "0.2",
                     "STALE_AFTER_SECONDS": "1.5", "MODELS_CACHE_SECONDS": "0",
@@ -38,16 +37,16 @@ class LiveServer:
 
     def start(self):
         self.log = open(f"/tmp/live-server-{self.port}.log", "w")
+        from webapp.launch import gunicorn_command  # exactly what `make run` starts
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:webapp.gunicorn_conf", "--bind",
-             f"127.0.0.1:{self.port}", "webapp:create_app()"],
+            gunicorn_command() + ["--bind", f"127.0.0.1:{self.port}"],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
             try:
-                requests.get(self.url + "/health", timeout=1)
+                requests.get(self.url + "/health", timeout=2)
                 return self
             except (requests.ConnectionError, requests.Timeout):  # a worker still booting on a busy machine
                 time.sleep(0.1)

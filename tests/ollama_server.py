@@ -47,6 +47,7 @@ class FakeOllama:
         self.url = None
         self._server = None
         self._lock = threading.Lock()
+        self._active = 0
         self.reset()
 
     # -- control -------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ class FakeOllama:
 
     def reset(self):
         self._script = dict(DEFAULT_SCRIPT)
+        self.connections = 0  # TCP connections accepted since the last reset (keep-alive reuses one)
         self.requests = []
         self.events = []
         self._event_added = threading.Condition()
@@ -88,6 +90,10 @@ class FakeOllama:
             self._event_added.wait_for(found, timeout)
             return found()
 
+    def active_streams(self):
+        """Chat streams being answered right now (capacity tests check they really were open at once)."""
+        return self._active
+
     def resolve(self, name):
         """Ollama adds ':latest' to a name without a tag."""
         if not isinstance(name, str) or not name:
@@ -113,6 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # keep test output clean
         pass
+
+    def setup(self):
+        super().setup()
+        with self.server_state._lock:
+            self.server_state.connections += 1
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -295,11 +306,16 @@ class _Handler(BaseHTTPRequestHandler):
         """Start a chunked 200 answer and record it (and a client that hangs up) as events."""
         fake = self.server_state
         fake.record("chat_start", model=model)
+        with fake._lock:
+            fake._active += 1
         try:
             self._start_stream(content_type)
             yield
         except ClientGone:
             fake.record("client_closed", chunks_sent=-1)
+        finally:
+            with fake._lock:
+                fake._active -= 1
 
     # -- /api/chat --------------------------------------------------------------------------------
 

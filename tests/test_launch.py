@@ -26,3 +26,25 @@ def test_without_ollama_the_tiny_model_serves(monkeypatch):
     finally:
         for stop in started:
             stop()
+
+
+def test_make_run_serves_with_gevent_workers_and_a_master_free_of_the_app():
+    """`make run` (and the tests' live server) start gunicorn as shipped: gevent workers, and a config
+    file that imports nothing of the app, so each worker monkey-patches before the app is loaded."""
+    import subprocess
+    import sys
+    command = launch.gunicorn_command()
+    printed = subprocess.run(command[:-1] + ["--print-config", command[-1]], cwd=launch.ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    import re
+    settings = dict(re.findall(r"^(\w+)\s+= (.*)$", printed.stdout, re.M))
+    assert settings["worker_class"] == "gevent" and settings["preload_app"] == "False"
+    assert int(settings["worker_connections"]) >= 1000
+    config_file = command[command.index("-c") + 1]
+    check = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
+             "assert not [m for m in sys.modules if m == 'webapp' or m.startswith(('flask', 'psycopg', "
+             "'sqlalchemy', 'requests'))], 'the config imports the app'")
+    loaded = subprocess.run([sys.executable, "-c", check, config_file], capture_output=True, text=True,
+                            timeout=60)
+    assert loaded.returncode == 0, loaded.stderr

@@ -7,8 +7,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
+from . import capacity, errors, https
 from . import config as config_module
-from . import errors, https
 from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
 from .generation import generations
@@ -35,6 +35,7 @@ def create_app(overrides=None):
     _prepare_database(app)
 
     db.init_app(app)
+    capacity.init_app(app)
     migrate.init_app(app, db, directory=str(config_module.ROOT / "migrations"))
     login_manager.init_app(app)
     csrf.init_app(app)
@@ -79,9 +80,7 @@ def _prepare_database(app):
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
         config_module.INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
-        options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
-        # Generation threads and request threads write concurrently: wait for the lock, don't fail.
-        options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+    capacity.configure_engine(app)  # the per-worker connection budget; SQLite's waits off the event loop
 @event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_connection, record):
     """WAL lets readers (stream followers) work while a generation thread writes."""

@@ -78,8 +78,9 @@ def flush(texts):
     executemany: a worker's flushes cost one commit per tick, however many answers it runs. The
     first flush of an answer marks it 'streaming'; an answer already final is left alone."""
     table = Message.__table__
+    # or_ of equalities, not in_(): an IN list is an "expanding" parameter, which executemany refuses.
     db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
-                                           table.c.status.in_(ACTIVE_STATUSES))
+                                           or_(*(table.c.status == status for status in ACTIVE_STATUSES)))
                        .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
                        [{"message_id": message_id, "text": text} for message_id, text in texts.items()])
     db.session.commit()

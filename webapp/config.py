@@ -114,6 +114,11 @@ def load_config():
         "REMEMBER_COOKIE_NAME": "remember_token",
         "WTF_CSRF_TIME_LIMIT": None,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # The database connection budget of each worker process (see webapp/capacity.py): a request
+        # that cannot get a connection within DB_POOL_TIMEOUT seconds is answered 503 + Retry-After.
+        "DB_POOL_SIZE": _int("DB_POOL_SIZE", 10),
+        "DB_MAX_OVERFLOW": _int("DB_MAX_OVERFLOW", 0),
+        "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 1.0),
     }
     config["REMEMBER_COOKIE_DURATION"] = timedelta(days=config["REMEMBER_DAYS"])
     # Refuse huge bodies before parsing them: room for the longest prompt in 4-byte UTF-8, plus JSON.

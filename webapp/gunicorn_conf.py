@@ -1,14 +1,29 @@
-"""gunicorn settings (used by the Dockerfile and `make run`): threaded workers, because each
-streaming answer holds one request thread while it waits on the model, but no database connection."""
+"""gunicorn settings (Dockerfile, `make run`, the tests): gevent workers.
+
+An open stream costs a greenlet, not an OS thread: a worker holds thousands of them (waiting on the
+model, on a slow client, on the database), and the app's background threads (generations, their
+watchdog, the orphan sweeper) become greenlets too, because the worker monkey-patches `threading`.
+
+Load this file by its path (`gunicorn -c webapp/gunicorn_conf.py 'webapp:create_app()'`), not as
+`python:webapp.gunicorn_conf`: importing it as a module would import the `webapp` package (Flask,
+SQLAlchemy, …) in the master, before any worker has patched `socket`, `select` and `threading`.
+Loaded by path, this file imports nothing of the app; each worker patches first (gunicorn's gevent
+worker does it in init_process) and only then loads the app, so psycopg sees the patched `select`
+at import and waits cooperatively (psycopg >= 3.1.14), and requests/urllib3 use gevent sockets.
+Keep `preload_app` off for the same reason.
+"""
 import os
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
-timeout = 60            # worker heartbeat, not request length: long streams are fine with gthread
+worker_class = "gevent"
+# Connections (open streams included) one worker serves at once; past that it stops accepting and
+# the kernel queues them. Each costs a greenlet and a socket, no thread and no database connection.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "2000"))
+preload_app = False     # see above: the app must be imported after the worker's monkey-patching
+timeout = 60            # worker heartbeat (the event loop must turn at least this often), not request length
 graceful_timeout = 30
-keepalive = 5
+keepalive = 5           # also bounds how long a request's headers may take to arrive (slow clients)
 accesslog = None        # the app writes its own access line, with the request id and user
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
@@ -27,8 +42,11 @@ def worker_exit(server, worker):
 
 
 def post_worker_init(worker):
-    """Each worker sweeps for answers orphaned by a crashed worker or replica (see answers.py)."""
+    """Each worker sweeps for answers orphaned by a crashed worker or replica (see answers.py),
+    and says whether its waits are cooperative."""
+    from webapp.capacity import describe_worker
     app = _app(worker)
     if app is not None:
         from webapp.generation import generations
         generations.start_orphan_sweeper(app)
+    worker.log.info(describe_worker())

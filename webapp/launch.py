@@ -54,14 +54,20 @@ def start_tiny_model():
     return {"LLM_BACKEND": "openai", "OPENAI_BASE_URL": server.base_url, "DEFAULT_MODEL": server.alias}
 
 
+def gunicorn_command():
+    """gunicorn as shipped (the tests' live server runs the same): gevent workers, the config loaded
+    by its path so that the master never imports the app (see webapp/gunicorn_conf.py)."""
+    return [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "webapp" / "gunicorn_conf.py"),
+            "webapp:create_app()"]
+
+
 def main():
     load_dotenv(ROOT / ".env", override=False)
     env = dict(os.environ)
     env.update(choose_backend(env))
     env.setdefault("PORT", "8000")
     print(f"Serving on http://localhost:{env['PORT']}  (Ctrl+C to stop)", flush=True)
-    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:webapp.gunicorn_conf",
-                                 "webapp:create_app()"], cwd=ROOT, env=env)
+    gunicorn = subprocess.Popen(gunicorn_command(), cwd=ROOT, env=env)
     try:
         sys.exit(gunicorn.wait())
     except KeyboardInterrupt:

@@ -95,6 +95,12 @@ class Abort:
             if self.requested:
                 _shutdown(sock)
 
+    def detach(self):
+        """The request is over and its connection may serve another one: a late Stop must not
+        shut that connection down."""
+        with self._lock:
+            self._sock = None
+
     def __call__(self):
         with self._lock:
             self.requested = True
@@ -168,11 +174,14 @@ class ChatStream:
         return self._abort.requested
 
     def close(self):
+        self._abort.detach()
         self._response.close()
 
     def __iter__(self):
+        lines = self._lines()
         try:
-            yield from self._parse_lines(self._lines())
+            yield from self._parse_lines(lines)
+            self._drain(lines)
         except LLMError:
             if self.aborted:
                 raise Cancelled("stopped") from None
@@ -183,6 +192,19 @@ class ChatStream:
             raise _stream_error(exc) from exc
         finally:
             self.close()
+
+    def _drain(self, lines, limit=64 * 1024):
+        """The parser stops at the final line; read the body to its end (the server closes it right
+        after) so the connection goes back to the pool and the next answer reuses it. Closing a
+        response whose body is not consumed makes urllib3 drop the socket instead."""
+        extra = 0
+        try:
+            for line in lines:
+                extra += len(line)
+                if extra > limit:  # a server that keeps talking after the end: not worth keeping
+                    return
+        except Exception:  # the answer is whole already; a broken tail only costs the connection
+            log.debug("LLM stream tail could not be read; the connection is dropped", exc_info=True)
 
     def _lines(self):
         """Split the body on newlines ourselves: multi-byte UTF-8 is only decoded per whole line."""

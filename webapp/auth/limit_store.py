@@ -27,6 +27,7 @@ from limits.storage import MovingWindowSupport, Storage
 from sqlalchemy import create_engine, delete, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..capacity import install_sqlite_write_gate
 from ..models import RateLimitHit
 
 _engine_lock = threading.Lock()
@@ -47,6 +48,7 @@ def store_engine(app=None):
                     app.config["SQLALCHEMY_DATABASE_URI"], pool_size=max(1, app.config["LIMIT_STORE_CONNECTIONS"]),
                     max_overflow=0, pool_timeout=app.config["LIMIT_STORE_TIMEOUT"], pool_pre_ping=True,
                     **extra)
+                install_sqlite_write_gate(engine)  # SQLite under gevent: wait for the write lock cooperatively
     return engine
 
 HITS = RateLimitHit.__table__
