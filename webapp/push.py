@@ -123,6 +123,7 @@ class Hub:
         self._seen = set()        # answers generating here at the last tick
         self._gone = {}           # message id -> when it stopped generating here (recently)
         self.notifies_sent = 0
+        self.stopped = False
 
     # ---- followers in this process --------------------------------------------------------------
 
@@ -148,12 +149,16 @@ class Hub:
     # ---- the one background task ----------------------------------------------------------------
 
     def run(self):
-        while True:
+        while not self.stopped:
             try:
                 self._serve()
             except Exception:  # the database restarted or the connection dropped: followers fall back
                 log.exception("push listener failed; reconnecting")  # to the row until it is back
-            time.sleep(1.0)
+                time.sleep(1.0)
+
+    def stop(self):
+        """End the task within about IDLE_WAIT (tests; a worker simply exits)."""
+        self.stopped = True
 
     def _connect(self):
         with self.app.app_context():
@@ -167,7 +172,7 @@ class Hub:
             conn.execute(f"LISTEN {FOLLOW}")
             log.info("push: listening for answer deltas")
             last_publish = last_renew = 0.0
-            while True:
+            while not self.stopped:
                 now = time.monotonic()
                 wait = IDLE_WAIT
                 if self._has_work():
