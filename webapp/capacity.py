@@ -7,10 +7,11 @@ model or on a client (DESIGN rule 2), so a small pool serves thousands of open s
 cover is the requests and background writes *talking to the database at the same moment*. The whole
 deployment needs, at most,
 
-    replicas x WEB_CONCURRENCY x (DB_POOL_SIZE + DB_MAX_OVERFLOW)  (+ a few for `flask` commands, psql)
+    replicas x WEB_CONCURRENCY x (DB_POOL_SIZE + DB_MAX_OVERFLOW + 1)  (+ a few for `flask` commands, psql)
 
-connections, which must stay under PostgreSQL's `max_connections` (100 by default, a few of them
-reserved for superusers): 2 workers x 10 = 20 per instance, so up to 4 instances on a stock server.
+connections (the + 1 is each worker's push listener, webapp/push.py, outside the pool), which must
+stay under PostgreSQL's `max_connections` (100 by default, a few of them reserved for superusers):
+2 workers x 11 = 22 per instance, so up to 4 instances on a stock server.
 
 A request that cannot get a connection within DB_POOL_TIMEOUT seconds (1 by default) is answered
 503 with `Retry-After` (code `busy`), never a 500: the server is full, not broken, and the client

@@ -145,6 +145,7 @@ def follow(message_id, since=0, poll=0.3, keepalive=10.0):
 
 def _follow(message_id, sent, poll, keepalive, subscription):
     idle_since, read_row, announced, last_read = time.monotonic(), True, False, 0.0
+    last_news = last_read
     while True:
         live = generations.get(message_id)
         text, finished, offset = None, False, 0
@@ -155,11 +156,14 @@ def _follow(message_id, sent, poll, keepalive, subscription):
             text = live.text  # the final state is read from the row below
         elif subscription is not None and not read_row:
             pushed = subscription.take(sent, timeout=poll)
+            now = time.monotonic()
             if pushed.text:
-                text, offset = pushed.text, sent
-            # a gap (a missed or text-less notification), the end, or a long silence: read the row,
-            # at most every poll seconds while the row lags behind the pushed offsets
-            read_row = pushed.end or time.monotonic() - last_read >= (poll if pushed.gap else push.SAFETY_SECONDS)
+                text, offset, last_news = pushed.text, sent, now
+            # Read the row at the end, after a gap (a missed or text-less notification; at most every
+            # `poll` seconds while the row lags behind the pushed offsets), or after a long silence
+            # (which is also how a dead generating worker is noticed).
+            read_row = (pushed.end or (pushed.gap and now - last_read >= poll)
+                        or now - max(last_read, last_news) >= push.SAFETY_SECONDS)
         if live is None and (subscription is None or read_row):
             message = _fresh_message(message_id)
             last_read, read_row = time.monotonic(), False
