@@ -243,3 +243,34 @@ def test_followers_elsewhere_do_not_poll_the_database(two, app, ollama, monkeypa
     finally:
         hub.stop()
         app.extensions.pop("push", None)
+
+
+def test_a_notification_never_exceeds_8000_bytes_and_says_read_the_row_instead():
+    from webapp.push import PAYLOAD_MAX, fit
+    small, big = [1, 0, "hello"], [2, 10, "é" * 5000]  # 10,000 bytes of UTF-8
+    body = fit({"d": [small, big], "e": [3]})
+    assert len(body.encode()) < PAYLOAD_MAX
+    assert json.loads(body) == {"d": [[1, 0, "hello"], [2, 10, None]], "e": [3]}
+
+
+def test_a_follower_takes_exactly_what_continues_its_offset():
+    from webapp.push import Subscription
+
+    class Hub:
+        def unsubscribe(self, subscription):
+            pass
+    inbox = Subscription(Hub(), 1)
+    inbox.put(0, "abc")
+    inbox.put(3, "def")
+    pushed = inbox.take(2, timeout=0)
+    assert (pushed.text, pushed.gap, pushed.end) == ("cdef", False, False)
+    inbox.put(9, "jkl")  # 6..9 was missed: a gap, kept for after the row read
+    pushed = inbox.take(6, timeout=0)
+    assert (pushed.text, pushed.gap) == ("", True)
+    inbox.put(12, "mn")
+    pushed = inbox.take(9, timeout=0)  # the row gave 6..9: the kept piece continues it
+    assert (pushed.text, pushed.gap) == ("jklmn", False)
+    inbox.put(14, None)  # too big to send: read the row
+    inbox.end()
+    pushed = inbox.take(14, timeout=0)
+    assert pushed.gap and pushed.end
