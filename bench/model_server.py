@@ -240,4 +240,8 @@ if __name__ == "__main__":
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(main(int(sys.argv[1])))
+    try:
+        import uvloop  # a faster event loop (libuv): fewer microseconds per write at 1,000 streams
+        uvloop.run(main(int(sys.argv[1])))
+    except ImportError:
+        asyncio.run(main(int(sys.argv[1])))
