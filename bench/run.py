@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import random
 import re
@@ -64,7 +65,7 @@ def pct(values, p):
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
 def ms(value, digits=1):
@@ -85,8 +86,11 @@ class ModelServer:
         wait_http(self.url + "/api/version", self.process)
         return self
 
-    def stop(self):
+    def stop(self, keep_log=False):
         stop_process(self.process)
+        self.log.close()
+        if not keep_log:
+            os.remove(self.log.name)
 
 
 class App:
@@ -118,8 +122,13 @@ class App:
     def workers(self):
         return self.processes()[1:]
 
-    def stop(self):
+    def stop(self, keep_log=False):
         stop_process(self.process)
+        self.log.close()
+        if not keep_log:
+            os.remove(self.log.name)
+        else:
+            print(f"log kept: {self.log.name}", file=sys.stderr)
 
 
 def wait_http(url, process, log=None):
@@ -726,7 +735,7 @@ def main():
     database = TestDatabase()
     plain = database.url.replace("postgresql+psycopg://", "postgresql://")
     model = app = second = None
-    out = []
+    out, failed = [], True
     try:
         log("migrating (flask db upgrade) and creating users")
         flask(database.url, "db", "upgrade")
@@ -776,15 +785,17 @@ def main():
 
         try:
             import uvloop  # libuv's event loop: the client keeps up with 1,000 streams on a busy box
-            uvloop.run(run_all())
+            runner = uvloop.run
         except ImportError:
-            asyncio.run(run_all())
+            runner = asyncio.run
+        runner(run_all())
+        failed = False
         used = Cpu.delta(box_before, cpu.snapshot())
         wall = time.perf_counter() - wall_before
     finally:
         for process in (second, app, model):
             if process is not None:
-                process.stop()
+                process.stop(keep_log=failed)
         database.drop()
     ours = sum(v for k, v in used.items() if k != "box")
     head = [f"# Benchmark: app vs the model server it fronts ({'quick' if quick else 'full'} mode)\n",
