@@ -401,12 +401,21 @@ async def probe_stream(url, path, body, headers, marker, deadline=600):
     return proto.first, total, proto.tail
 
 
+FAILURES = {}  # why app streams of section 3 failed: reason -> count
+
+
 async def burst_app_stream(client):
     first, total, tail = await probe_stream(client.app_url, "/chat/", {"prompt": "go", "stream": True},
                                             {"Authorization": f"Bearer {client.token}"}, b"event: token")
     done = tail.rfind(b"event: done")
-    ok = done >= 0 and re.search(rb'"status": ?"complete"', tail[done:]) is not None
-    return first, total, total is not None and ok
+    ok = total is not None and done >= 0 and re.search(rb'"status": ?"complete"', tail[done:]) is not None
+    if not ok:  # why, for the table's footnote
+        code = re.search(rb'"code": ?"([a-z_]+)"', tail)
+        status = re.match(rb"HTTP/1.1 (\d+)", tail)
+        reason = (code.group(1).decode() if code else f"HTTP {status.group(1).decode()}" if status
+                  else "no answer" if not tail else "timeout" if total is None else "cut short")
+        FAILURES[reason] = FAILURES.get(reason, 0) + 1
+    return first, total, ok
 
 
 async def burst_direct_stream(client):
@@ -583,7 +592,9 @@ async def streams(client, app, cpu, database_admin, database_name, sizes, out):
         app_stats = await client.model_stats()
         running[0] = False
         await sampler
-        rows.append((n, direct, through_app, wall, peak, base_rss, direct_stats, app_stats, direct_cpu, app_cpu))
+        rows.append((n, direct, through_app, wall, peak, base_rss, direct_stats, app_stats, direct_cpu, app_cpu,
+                     dict(FAILURES)))
+        FAILURES.clear()
         await asyncio.sleep(2)
     out.append("## 3. Concurrent API streams (100 tokens, 20 ms apart = 2 s at the model)\n")
     out.append("All N streams start at once; first the same N straight from the model server (`direct`), "
@@ -596,7 +607,7 @@ async def streams(client, app, cpu, database_admin, database_name, sizes, out):
     out.append("| streams | path | completed | TTFT p50 (s) | TTFT p95 (s) | whole p50 (s) | whole p95 (s) | "
                "peak DB conns | RSS / stream | model tick late p99 / max (ms) | CPU-s app / pg / model / client / box |")
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, direct, through_app, wall, peak, base_rss, dstats, astats, dcpu, acpu in rows:
+    for n, direct, through_app, wall, peak, base_rss, dstats, astats, dcpu, acpu, failures in rows:
         for label, results, stats, used in (("direct", direct, dstats, dcpu), ("app", through_app, astats, acpu)):
             firsts = [r[0] for r in results if r[0] is not None]
             totals = [r[1] for r in results if r[1] is not None and r[2]]
@@ -607,6 +618,11 @@ async def streams(client, app, cpu, database_admin, database_name, sizes, out):
             out.append(f"| {n} | {label} | {done}/{n} | {fmt_s(pct(firsts, 50))} | **{fmt_s(pct(firsts, 95))}** | "
                        f"{fmt_s(pct(totals, 50))} | **{fmt_s(pct(totals, 95))}** | {extra} | "
                        f"{stats['tick_late_p99_ms']:.1f} / {stats['tick_late_max_ms']:.1f} | {spent} |")
+    out.append("")
+    for n, *_, failures in rows:
+        if failures:
+            out.append(f"App streams that failed at {n}: " + ", ".join(f"{k} × {v}" for k, v in failures.items())
+                       + " (the error code of the stream's `error` event, else the HTTP status or what happened).")
     out.append("")
 
 
