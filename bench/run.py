@@ -30,6 +30,7 @@ import os
 import random
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,7 +173,6 @@ def wait_http(url, process, log=None):
 
 
 def stop_process(process):
-    import signal
     if process and process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -833,6 +833,7 @@ def main():
     parser.add_argument("--only", default="1,2,3,4,5", help="sections to run, e.g. 1,2")
     parser.add_argument("--streams", help="comma-separated stream counts (default 64,256 quick; 64,256,1000 full)")
     parser.add_argument("--history", help="CONVERSATIONSxMESSAGES (default 500x40 quick; 10000x100 full)")
+    parser.add_argument("--turns", type=int, help="turns per block in section 1 (default 100 quick, 200 full)")
     parser.add_argument("--env", action="append", default=[], help="extra app environment NAME=VALUE")
     parser.add_argument("--nice", type=int, default=-5,
                         help="priority of the bench's client and model server (default -5; 0 = leave as is)")
@@ -846,6 +847,10 @@ def main():
 
     global PRIORITY
     PRIORITY = args.nice
+
+    def interrupted(*_):  # a stopped bench still stops its servers and drops its database (finally below)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it (gunicorn, model server)
 
@@ -889,7 +894,7 @@ def main():
                 client.token = await client.login("bench")
                 if "1" in only:
                     log("1. latency per turn")
-                    await latency(client, cpu, int(os.environ.get("BENCH_TURNS", 100 if quick else 200)), 5 if quick else 7, out)
+                    await latency(client, cpu, args.turns or (100 if quick else 200), 5 if quick else 7, out)
                 if "2" in only:
                     log("2. throughput at c=16")
                     await throughput(client, plain, 5 if quick else 15, 1 if quick else 3, out)
