@@ -16,41 +16,69 @@ def test_login_returns_bearer_token(client, user):
     assert body["token_type"] == "bearer"
     assert body["expires_in"] == 3600
     assert body["access_token"].count(".") == 2
+    # RFC 6749 §5.1: a token is never cached.
+    assert response.headers["Cache-Control"] == "no-store" and response.headers["Pragma"] == "no-cache"
+    # grant_type may be left out, as the seed's FastAPI form allowed.
+    assert client.post("/auth/login", data={"username": "alice", "password": "correct horse battery"}
+                       ).status_code == 200
 
 
-def test_bad_credentials_do_not_reveal_whether_user_exists(client, user):
+def token_error(response, status, error):
+    """An RFC 6749 §5.2 error: a string code, a description, our request id, never cached."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["error"] == error and isinstance(body["error_description"], str) and body["error_description"]
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    assert response.headers["Cache-Control"] == "no-store"
+    return body
+
+
+def test_bad_credentials_are_invalid_grant_and_do_not_reveal_whether_user_exists(client, user):
     wrong_password = client.post("/auth/login", data={"username": "alice", "password": "nope-nope-nope"})
     no_such_user = client.post("/auth/login", data={"username": "bob", "password": "nope-nope-nope"})
-    for response in (wrong_password, no_such_user):
-        assert response.status_code == 401
-        assert response.headers["WWW-Authenticate"] == "Bearer"
-    assert wrong_password.get_json()["error"]["message"] == no_such_user.get_json()["error"]["message"]
-    assert wrong_password.get_json()["error"]["code"] == "invalid_credentials"
+    first = token_error(wrong_password, 400, "invalid_grant")
+    second = token_error(no_such_user, 400, "invalid_grant")
+    assert first["error_description"] == second["error_description"]
 
 
-def test_login_form_fields_are_required(client, user):
-    response = client.post("/auth/login", data={"username": "alice"})
-    assert response.status_code == 422
-    assert response.get_json()["error"]["field"] == "password"
-    response = client.post("/auth/login", data={"username": "alice", "password": "x", "grant_type": "client"})
-    assert response.status_code == 400
-    assert response.get_json()["error"]["field"] == "grant_type"
+def test_malformed_token_requests_are_invalid_request_or_unsupported_grant(client, user):
+    body = token_error(client.post("/auth/login", data={"username": "alice"}), 400, "invalid_request")
+    assert "password" in body["error_description"]
+    token_error(client.post("/auth/login", data={"username": "alice", "password": "x", "grant_type": "client"}),
+                400, "unsupported_grant_type")
+    token_error(client.post("/auth/login", data={"username": "alice", "password": "x",
+                                                 "grant_type": "client_credentials"}), 400, "unsupported_grant_type")
+    # RFC 6749 §3.2: a parameter sent twice is refused, even when each value would be right.
+    for repeated in ({"username": ["alice", "alice"], "password": "correct horse battery"},
+                     {"username": "alice", "password": ["correct horse battery"] * 2},
+                     {"username": "alice", "password": "correct horse battery", "grant_type": ["password"] * 2}):
+        body = token_error(client.post("/auth/login", data=repeated), 400, "invalid_request")
+        assert "repeated" in body["error_description"]
+    token_error(client.post("/auth/login", json={"username": "alice", "password": "correct horse battery"}),
+                400, "invalid_request")  # the token endpoint takes a form, not JSON
 
 
-def test_missing_forged_and_expired_tokens_are_401(app, client, user):
-    assert client.post("/chat/", json={"prompt": "hi"}).status_code == 401
+def test_missing_forged_and_expired_tokens_are_401_with_rfc6750_challenges(app, client, user):
+    missing = client.post("/chat/", json={"prompt": "hi"})
+    assert missing.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="api"'  # no token: no error code (§3.1)
+    assert client.get("/conversations", headers={"Authorization": "Basic YTpi"}).headers[
+        "WWW-Authenticate"] == 'Bearer realm="api"'
     forged = jwt.encode({"sub": "1", "ver": 1, "iat": int(time.time()), "exp": int(time.time()) + 60},
                         "some-other-secret-key-of-sufficient-length", algorithm="HS256")
     response = client.post("/chat/", json={"prompt": "hi"}, headers={"Authorization": f"Bearer {forged}"})
     assert response.status_code == 401
-    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.headers["WWW-Authenticate"] == \
+        'Bearer realm="api", error="invalid_token", error_description="token is invalid"'
     expired = jwt.encode({"sub": "1", "ver": 1, "iat": int(time.time()) - 120, "exp": int(time.time()) - 60},
                          app.config["SECRET_KEY"], algorithm="HS256")
     response = client.post("/chat/", json={"prompt": "hi"}, headers={"Authorization": f"Bearer {expired}"})
     assert response.status_code == 401
     assert "expired" in response.get_json()["error"]["message"]
+    assert response.headers["WWW-Authenticate"] == \
+        'Bearer realm="api", error="invalid_token", error_description="token has expired"'
     garbage = client.get("/conversations", headers={"Authorization": "Bearer not.a.token"})
-    assert garbage.status_code == 401
+    assert garbage.status_code == 401 and 'error="invalid_token"' in garbage.headers["WWW-Authenticate"]
 
 
 def test_password_change_invalidates_old_tokens(app, client, user):

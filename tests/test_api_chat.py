@@ -178,4 +178,4 @@ def test_nul_characters_never_lose_a_prompt_or_an_answer(app, client, auth, olla
     assert renamed.status_code == 200 and renamed.get_json()["title"] == "a\ufffdb"
     assert client.get("/conversations?q=a%00b", headers=auth).status_code == 200
     login = client.post("/auth/login", data={"username": "ali\x00ce", "password": "whatever-it-is"})
-    assert login.status_code == 401
+    assert login.status_code == 400 and login.get_json()["error"] == "invalid_grant"

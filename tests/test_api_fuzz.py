@@ -1,6 +1,7 @@
 """The JSON API keeps to its own OpenAPI description under random input (schemathesis + hypothesis):
 valid and invalid requests alike never get a 500 or a stack trace, every status is documented, every
 body and SSE event matches its schema, and 405s say which methods are allowed."""
+import copy
 import os
 
 import pytest
@@ -19,14 +20,31 @@ OPERATIONS = [(path, method.upper()) for path, item in SPEC["paths"].items()
               for method in item if method in {"get", "post", "patch", "delete"}]
 
 
+def events_one_by_one(spec):
+    """Schemathesis reads an OpenAPI 3.1 `text/event-stream` schema as the schema of one event; ours
+    is the whole stream (a string, with the grammar in its description, which is what OpenAPI 3.1
+    means and what openapi-core and generators read), and each event's schema is under `x-sse-event`.
+    Hand schemathesis that one, so every event and its JSON data are checked against the document."""
+    spec = copy.deepcopy(spec)
+    for item in spec["paths"].values():
+        for operation in item.values():
+            for response in operation.get("responses", {}).values() if isinstance(operation, dict) else ():
+                media = response.get("content", {}).get("text/event-stream")
+                if media:
+                    media["schema"] = media.pop("x-sse-event")
+    return spec
+
+
 @pytest.fixture
 def bearer(client, user):
     return {"Authorization": f"Bearer {login_token(client)}"}
 
 
 @pytest.mark.parametrize("path, method", OPERATIONS, ids=[f"{m} {p}" for p, m in OPERATIONS])
-def test_api_keeps_to_its_description(app, bearer, path, method):
-    operation = schemathesis.openapi.from_wsgi("/openapi.json", app)[path][method]
+def test_api_keeps_to_its_description(app, client, bearer, path, method):
+    schema = schemathesis.openapi.from_dict(events_one_by_one(client.get("/openapi.json").get_json()))
+    schema.app = app
+    operation = schema[path][method]
 
     # A cursor is opaque: only the ones the server handed out are valid, so a random string that the
     # schema allows is rightly refused with 400 (a documented status, still checked).

@@ -41,7 +41,7 @@ def test_set_password(flask_cli, client):
     flask_cli("create-user", "erin", stdin="first password\n")
     result = flask_cli("set-password", "erin", stdin="second password\n")
     assert result.returncode == 0, result.stderr
-    assert client.post("/auth/login", data={"username": "erin", "password": "first password"}).status_code == 401
+    assert client.post("/auth/login", data={"username": "erin", "password": "first password"}).status_code == 400
     assert client.post("/auth/login", data={"username": "erin", "password": "second password"}).status_code == 200
     missing = flask_cli("set-password", "nobody", stdin="whatever password\n")
     assert missing.returncode != 0 and "no user named" in missing.stderr

@@ -52,6 +52,8 @@ def create_app(overrides=None):
     from .web import init_web
     init_web(app)
     errors.init_app(app, API_PREFIXES)
+    from .docs import bp as docs_bp
+    app.register_blueprint(docs_bp)
     from .cli import register_cli
     register_cli(app)
     _register_error_handlers(app)

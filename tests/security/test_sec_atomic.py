@@ -21,7 +21,7 @@ def test_simultaneous_wrong_passwords_pass_the_limit_exactly(make_app):
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(statuses) == [401] * 5 + [429] * 11
+    assert sorted(statuses) == [400] * 5 + [429] * 11  # 400: invalid_grant
 
 
 def test_old_style_session_cookies_sign_nobody_in(make_app):

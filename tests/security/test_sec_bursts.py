@@ -125,7 +125,7 @@ def test_two_hundred_failed_sign_ins_do_not_starve_a_signed_in_reader(app, fresh
         thread.join()
     latencies = sorted(seconds for _, seconds in reads)
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None
-    print(f"\n200 failed sign-ins in {elapsed:.1f} s: {statuses.count(401)}x401 {statuses.count(429)}x429 "
+    print(f"\n200 failed sign-ins in {elapsed:.1f} s: {statuses.count(400)}x400 {statuses.count(429)}x429 "
           f"{statuses.count('503+Retry-After')}x503; "
           f"reader: {len(reads)} reads, median {statistics.median(latencies) * 1000:.0f} ms, "
           f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms, errors {errors}")

@@ -47,8 +47,8 @@ def test_every_door_hashes_with_no_connection_held(watched):
     app, seen = watched
     client = app.test_client()
     assert client.post("/auth/login", data={"username": "alice", "password": PASSWORD}).status_code == 200
-    assert client.post("/auth/login", data={"username": "alice", "password": "wrong!"}).status_code == 401
-    assert client.post("/auth/login", data={"username": "nobody", "password": "wrong!"}).status_code == 401
+    assert client.post("/auth/login", data={"username": "alice", "password": "wrong!"}).status_code == 400
+    assert client.post("/auth/login", data={"username": "nobody", "password": "wrong!"}).status_code == 400
     token = sign_in(client)  # the page
     assert client.post("/settings", data={"csrf_token": token, "current_password": PASSWORD,
                                           "new_password": "n" * 12, "confirm": "n" * 12}).status_code == 200
@@ -74,7 +74,7 @@ def test_a_burst_queues_on_the_pool_slots(watched):
         thread.start()
     for thread in threads:
         thread.join()
-    assert statuses == [401] * 12
+    assert statuses == [400] * 12  # invalid_grant
     assert len(seen["checked_out"]) >= 12
     assert seen["most"] <= _slots()  # the others waited their turn
 

@@ -42,7 +42,7 @@ def test_a_broken_limit_store_fails_open_and_logs_a_warning(app, fresh_db, live_
     try:
         statuses = [requests.post(base + "/auth/login", data={"username": "alice", "password": "wrong"}).status_code
                     for _ in range(3)]
-        assert statuses == [401, 401, 401]
+        assert statuses == [400, 400, 400]  # invalid_grant (RFC 6749)
         assert requests.post(base + "/auth/login", data={"username": "alice", "password": PASSWORD}).status_code == 200
     finally:
         with engine.begin() as conn:

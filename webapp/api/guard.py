@@ -14,7 +14,7 @@ def token_required(view):
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return _unauthorized("missing bearer token")
+            return _unauthorized("missing bearer token", None)
         try:
             g.api_user = tokens.verify(token.strip())
             g.user_name = g.api_user.username
@@ -24,8 +24,10 @@ def token_required(view):
     return wrapped
 
 
-def _unauthorized(message):
-    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer'})
+def _unauthorized(message, error="invalid_token"):
+    """RFC 6750 §3: no credentials get a bare challenge; a bad or expired token says invalid_token."""
+    challenge = 'Bearer realm="api"' + (f', error="{error}", error_description="{message}"' if error else "")
+    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
 
 
 def json_body(optional=False):

@@ -1,6 +1,13 @@
 """GET /openapi.json: the JSON API described for programs (OpenAPI 3.1). A test keeps it in step
-with the routes, so a new endpoint without a description fails the suite."""
-from flask import jsonify
+with the routes, so a new endpoint without a description fails the suite; others check it with
+openapi-spec-validator, validate real answers with openapi-core, and build a client from it with
+openapi-python-client. Every operation has an operationId (generated clients name their functions
+after it) and documents 405; streams are `text/event-stream` strings whose grammar is in the
+description (OpenAPI 3.1 cannot type the events themselves), with each event's data schema in
+`x-sse-event` and under components."""
+import copy
+
+from flask import jsonify, request
 
 from ..limits import CONVERSATION_PAGE, MAX_ID, MESSAGE_PAGE, MODEL_NAME_MAX, OPTION_RULES, SYSTEM_PROMPT_MAX, TITLE_MAX
 from . import bp
@@ -26,11 +33,30 @@ CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "s
 MESSAGE_ID = {"name": "message_id", "in": "path", "required": True, "schema": {"type": "integer"}}
 # At least one character that is not white space (as Python's str.strip() sees it: \s plus \x1c-\x1f, \x85).
 NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
-# Each event: `event:` names it, `data:` is one line of JSON (the schema describes one event).
-SSE = {"description": "Server-Sent Events: `start`, `token`… then `done` or `error` (data is JSON)",
-       "content": {"text/event-stream": {"schema": {"type": "object", "required": ["event", "data"], "properties": {
-           "event": {"enum": ["start", "token", "done", "error"]},
-           "data": {"type": "string", "contentMediaType": "application/json"}}}}}}
+SSE_GRAMMAR = """Server-Sent Events (WHATWG HTML §9.2), UTF-8. Each event is one `event:` line, one
+`data:` line of JSON and a blank line; lines starting with `:` are heartbeats to ignore:
+
+```
+stream  = start *( token / ping ) ( done / error )
+start   = "event: start" LF "data: " StreamStart LF LF
+token   = "event: token" LF "data: " StreamToken LF LF   ; the next piece of the answer
+ping    = ": ping" LF LF
+done    = "event: done"  LF "data: " TurnResult LF LF    ; status complete or cancelled
+error   = "event: error" LF "data: " TurnResult LF LF    ; the answer failed; `error` says why
+```
+
+Each event's data schema is under `components/schemas`, and `x-sse-event` is the JSON Schema of one
+parsed event (`event`, `data`, and `id`/`retry` when sent), for tools that check events one by one."""
+SSE_EVENTS = {"start": "StreamStart", "token": "StreamToken", "done": "TurnResult", "error": "TurnResult"}
+SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"const": name}, "id": {"type": "string"}, "retry": {"type": "integer"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(schema)}}}
+    for name, schema in SSE_EVENTS.items()]}
+SSE_MEDIA = {"text/event-stream": {"schema": {"type": "string", "description": SSE_GRAMMAR},
+                                   "x-sse-event": SSE_EVENT}}
+SSE = {"description": "The answer as Server-Sent Events:\n\n" + SSE_GRAMMAR, "content": SSE_MEDIA}
+METHOD_NOT_ALLOWED = _json(_ref("Error"), "This path does not take this method; `Allow` lists those it takes")
+METHOD_NOT_ALLOWED["headers"] = {"Allow": {"schema": {"type": "string"}, "description": "e.g. `GET, POST`"}}
 
 
 def _errors(*codes):
@@ -39,13 +65,35 @@ def _errors(*codes):
 
 SPEC = {
     "openapi": "3.1.0",
-    "info": {"title": "llm_api_assistant", "version": "1.0",
-             "description": "Chat with a local LLM. Log in with the OAuth2 password form, then send "
-                            "`Authorization: Bearer <token>`. Every response carries `X-Request-ID`."},
+    "info": {"title": "llm_api_assistant", "version": "2.0.0",
+             "description": "Chat with a local LLM. Log in with the OAuth2 password form at `/auth/login` "
+                            "(RFC 6749 §4.3), then send `Authorization: Bearer <token>`. Every response "
+                            "carries `X-Request-ID`. Errors are `{\"error\": {code, message, request_id}}`, "
+                            "except the token endpoint's, which follow RFC 6749 §5.2."},
+    "servers": [{"url": "/", "description": "this server"}],
     "components": {
-        "securitySchemes": {"bearer": {"type": "oauth2", "flows": {"password": {"tokenUrl": "/auth/login",
-                                                                                "scopes": {}}}}},
+        "securitySchemes": {
+            "OAuth2Password": {"type": "oauth2", "description": "Username and password for a bearer token",
+                               "flows": {"password": {"tokenUrl": "/auth/login", "scopes": {}}}},
+            "BearerToken": {"type": "http", "scheme": "bearer",
+                            "description": "A token from `/auth/login` (or a personal API key), as "
+                                           "`Authorization: Bearer <token>`"}},
         "schemas": {
+            "Token": {"type": "object", "required": ["access_token", "token_type", "expires_in"], "properties": {
+                "access_token": {"type": "string"}, "token_type": {"type": "string", "enum": ["bearer"]},
+                "expires_in": {"type": "integer", "description": "seconds"}}},
+            "TokenError": {"type": "object", "required": ["error", "error_description", "request_id"],
+                           "description": "RFC 6749 §5.2", "properties": {
+                "error": {"type": "string", "enum": ["invalid_request", "invalid_grant", "unsupported_grant_type",
+                                                     "too_many_attempts", "temporarily_unavailable"]},
+                "error_description": {"type": "string"}, "request_id": {"type": "string"},
+                "retry_after": {"type": "integer", "description": "on 429: seconds to wait, as `Retry-After`"}}},
+            "StreamStart": {"type": "object", "required": ["request_id", "conversation_id", "message_id", "model"],
+                            "properties": {
+                "request_id": {"type": "string"}, "conversation_id": {"type": "integer"},
+                "message_id": {"type": "integer"}, "user_message_id": {"type": ["integer", "null"]},
+                "model": {"type": "string"}}},
+            "StreamToken": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"},
                 "field": {"type": "string"}, "retry_after": {"type": "integer"}},
@@ -66,12 +114,15 @@ SPEC = {
                 "response": {"type": "string"}, "conversation_id": {"type": "integer"},
                 "message_id": {"type": "integer"}, "user_message_id": {"type": ["integer", "null"]},
                 "model": {"type": "string"},
-                "status": {"enum": ["complete", "error", "cancelled", "interrupted"]},
-                "done_reason": {"type": ["string", "null"]}, "usage": _ref("Usage")}},
+                "status": {"type": "string", "enum": ["complete", "error", "cancelled", "interrupted"]},
+                "done_reason": {"type": ["string", "null"]}, "usage": _ref("Usage"),
+                "error": {"type": ["object", "null"], "description": "why the answer failed", "properties": {
+                    "code": {"type": "string"}, "message": {"type": ["string", "null"]}}}}},
             "Message": {"type": "object", "properties": {
-                "id": {"type": "integer"}, "role": {"enum": ["system", "user", "assistant"]},
+                "id": {"type": "integer"}, "role": {"type": "string", "enum": ["system", "user", "assistant"]},
                 "content": {"type": "string"},
-                "status": {"enum": ["pending", "streaming", "complete", "error", "cancelled", "interrupted"]},
+                "status": {"type": "string",
+                           "enum": ["pending", "streaming", "complete", "error", "cancelled", "interrupted"]},
                 "model": {"type": ["string", "null"]}, "usage": _ref("Usage")}},
             "Conversation": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "model": {"type": "string"},
@@ -84,32 +135,45 @@ SPEC = {
                 "system_prompt": {"type": "string", "maxLength": SYSTEM_PROMPT_MAX}}},
         },
     },
-    "security": [{"bearer": []}],
+    "security": [{"OAuth2Password": []}, {"BearerToken": []}],
     "paths": {
         "/auth/login": {"post": {
-            "summary": "OAuth2 password grant", "security": [],
-            "requestBody": {"content": {"application/x-www-form-urlencoded": {"schema": {
+            "operationId": "login", "summary": "OAuth2 password grant: a bearer token (RFC 6749 §4.3)",
+            "description": "Each parameter at most once. `grant_type` may be omitted. Answers are never "
+                           "cached (`Cache-Control: no-store`). Wrong username or password: 400 "
+                           "`invalid_grant`; a missing or repeated parameter: 400 `invalid_request`.",
+            "security": [],
+            "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
                 "type": "object", "required": ["username", "password"], "properties": {
-                    "username": {"type": "string"}, "password": {"type": "string"},
-                    "grant_type": {"const": "password"}, "scope": {"type": "string"}}}}}},
-            "responses": {"200": _json({"type": "object", "properties": {
-                "access_token": {"type": "string"}, "token_type": {"const": "bearer"},
-                "expires_in": {"type": "integer"}}}), **_errors("400", "401", "422", "429", "503")}}},
+                    "username": {"type": "string", "minLength": 1},
+                    "password": {"type": "string", "minLength": 1},
+                    "grant_type": {"type": "string", "enum": ["password"]}, "scope": {"type": "string"}}}}}},
+            "responses": {"200": _json(_ref("Token"), "A bearer token"),
+                          "400": _json(_ref("TokenError"), "`invalid_request`, `invalid_grant` or "
+                                                           "`unsupported_grant_type`"),
+                          "429": {**_json(_ref("TokenError"), "`too_many_attempts`: too many failed sign-ins; "
+                                                              "wait `Retry-After` seconds"),
+                                  "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+                          "503": {**_json(_ref("TokenError"), "`temporarily_unavailable`: too many sign-ins are "
+                                                              "waiting; retry after `Retry-After` seconds"),
+                                  "headers": {"Retry-After": {"schema": {"type": "integer"}}}}}}},
         "/auth/logout-all": {"post": {
+            "operationId": "logoutAll",
             "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
             "responses": {"204": {"description": "Signed out everywhere; sign in again for a new token"},
                           **_errors("401")}}},
         "/auth/revoke": {"post": {
+            "operationId": "revokeTokens",
             "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
             "responses": {"204": {"description": "Revoked; sign in again for a new token"}, **_errors("401")}}},
         "/chat/": {"post": {
-            "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
+            "operationId": "chatTurn", "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
             "responses": {"200": {**_json(_ref("TurnResult")), "content": {
                 "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
                 **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
         "/conversations": {
-            "get": {"summary": "Your conversations, newest first", "parameters": [
+            "get": {"operationId": "listConversations", "summary": "Your conversations, newest first", "parameters": [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                              "maximum": CONVERSATION_PAGE[1]}},
                 {"name": "cursor", "in": "query", "schema": {"type": "string"},
@@ -118,57 +182,89 @@ SPEC = {
                 "responses": {"200": _json({"type": "object", "properties": {
                     "conversations": {"type": "array", "items": _ref("Conversation")},
                     "next_cursor": {"type": ["string", "null"]}}}), **_errors("400", "401")}},
-            "post": {"summary": "Create a conversation",
+            "post": {"operationId": "createConversation", "summary": "Create a conversation",
                      "requestBody": {"content": {"application/json": {"schema": _ref("ConversationChange")}}},
                      "responses": {"201": _json(_ref("Conversation"), "Created"),
                                    **_errors("400", "401", "415", "422")}}},
         "/conversations/{conversation_id}": {
             "parameters": [CONVERSATION_ID],
-            "get": {"summary": "A conversation with its newest page of messages", "parameters": [
+            "get": {"operationId": "getConversation",
+                    "summary": "A conversation with its newest page of messages", "parameters": [
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": MESSAGE_PAGE[1]}},
                 {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}],
                 "responses": {"200": _json({"allOf": [_ref("Conversation"), {"type": "object", "properties": {
                     "messages": {"type": "array", "items": _ref("Message")},
                     "older_cursor": {"type": ["integer", "null"]}}}]}), **_errors("400", "401", "404")}},
-            "patch": {"summary": "Change title, model or system prompt",
+            "patch": {"operationId": "updateConversation", "summary": "Change title, model or system prompt",
                       "requestBody": {"required": True,
                                       "content": {"application/json": {"schema": _ref("ConversationChange")}}},
                       "responses": {"200": _json(_ref("Conversation")), **_errors("400", "401", "404", "415", "422")}},
-            "delete": {"summary": "Delete it and its messages",
+            "delete": {"operationId": "deleteConversation", "summary": "Delete it and its messages",
                        "responses": {"204": {"description": "Deleted"}, **_errors("401", "404")}}},
         "/conversations/{conversation_id}/export": {"parameters": [CONVERSATION_ID], "get": {
-            "summary": "The whole conversation as a Markdown file",
+            "operationId": "exportConversation", "summary": "The whole conversation as a Markdown file",
             "responses": {"200": {"description": "Markdown, oldest message first",
                                   "content": {"text/markdown": {"schema": {"type": "string"}}}},
                           **_errors("401", "404")}}},
         "/conversations/{conversation_id}/stop": {"parameters": [CONVERSATION_ID], "post": {
-            "summary": "Stop the running answer (saved as cancelled)",
+            "operationId": "stopAnswer", "summary": "Stop the running answer (saved as cancelled)",
             "responses": {"200": _json(_ref("TurnResult")), **_errors("401", "404", "409")}}},
         "/conversations/{conversation_id}/regenerate": {"parameters": [CONVERSATION_ID], "post": {
-            "summary": "Answer the last prompt again, replacing the previous answer",
-            "responses": {"200": _json(_ref("TurnResult")), **_errors("401", "404", "409", "502", "503", "504")}}},
+            "operationId": "regenerateAnswer", "summary": "Answer the last prompt again, replacing the previous answer",
+            "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
+                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
+                "stream": {"type": "boolean", "default": False}, "options": _ref("Options")}}}}},
+            "responses": {"200": {**_json(_ref("TurnResult")), "content": {
+                "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
+                **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
         "/conversations/{conversation_id}/messages/{message_id}": {
             "parameters": [CONVERSATION_ID, MESSAGE_ID],
-            "get": {"summary": "One message", "responses": {"200": _json(_ref("Message")), **_errors("401", "404")}}},
+            "get": {"operationId": "getMessage", "summary": "One message",
+                    "responses": {"200": _json(_ref("Message")), **_errors("401", "404")}}},
         "/conversations/{conversation_id}/messages/{message_id}/stream": {
             "parameters": [CONVERSATION_ID, MESSAGE_ID],
-            "get": {"summary": "Re-attach: replay the answer so far, then follow it to the end",
+            "get": {"operationId": "streamMessage",
+                    "summary": "Re-attach: replay the answer so far, then follow it to the end",
                     "responses": {"200": SSE, **_errors("401", "404")}}},
-        "/models": {"get": {"summary": "Models on the LLM server (cached briefly)", "responses": {
+        "/models": {"get": {"operationId": "listModels", "summary": "Models on the LLM server (cached briefly)",
+                            "responses": {
             "200": _json({"type": "object"}), **_errors("401", "503")}}},
-        "/health": {"get": {"summary": "Liveness: the app answers (never asks the LLM or the database)",
+        "/health": {"get": {"operationId": "health",
+                            "summary": "Liveness: the app answers (never asks the LLM or the database)",
                             "security": [], "responses": {"200": _json({"type": "object"})}}},
-        "/ready": {"get": {"summary": "Readiness: the database answers and is migrated to head; the LLM's "
+        "/ready": {"get": {"operationId": "ready",
+                           "summary": "Readiness: the database answers and is migrated to head; the LLM's "
                                       "state is reported but never makes the app unready", "security": [],
                            "responses": {"200": _json({"type": "object"}),
                                          "503": _json({"type": "object"}, "Not ready: `Retry-After`")}}},
-        "/openapi.json": {"get": {"summary": "This description", "security": [],
+        "/openapi.json": {"get": {"operationId": "getOpenApi", "summary": "This description", "security": [],
                                   "responses": {"200": _json({"type": "object"})}}},
     },
 }
 
 
+
+def _complete(spec):
+    """What every operation shares: 405 (with `Allow`) and the RFC 6750 challenge on 401."""
+    for item in spec["paths"].values():
+        for method, operation in item.items():
+            if method in {"get", "post", "patch", "delete", "put"}:
+                operation["responses"].setdefault("405", METHOD_NOT_ALLOWED)
+                if "401" in operation["responses"]:
+                    operation["responses"]["401"] = {**ERRORS["401"], "headers": {"WWW-Authenticate": {
+                        "schema": {"type": "string"},
+                        "description": 'RFC 6750 §3: `Bearer realm="api"`, with `error="invalid_token"` '
+                                       "and `error_description` when a token was sent but is bad or expired"}}}
+    return spec
+
+
+_complete(SPEC)
+
+
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(SPEC)
+    """The description with this server's own address under `servers`, for tools that need a whole URL."""
+    spec = copy.copy(SPEC)
+    spec["servers"] = [{"url": request.url_root.rstrip("/"), "description": "this server"}]
+    return jsonify(spec)

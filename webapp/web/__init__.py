@@ -44,4 +44,6 @@ def init_web(app):
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        if response.status_code == 204:  # no body (Werkzeug sends none), so no type either
+            response.headers.pop("Content-Type", None)
         return response

@@ -102,7 +102,7 @@ def render_chat(conversation_id, errors=None, draft="", status=200):
     sidebar, next_cursor = service.list_conversations(user(), limit=SIDEBAR_PAGE, cursor=request.args.get("cursor"),
                                                       query=query or None)
     busy = any(service.is_active(m) for m in messages)
-    return render_template("chat.html", conversation=conversation, messages=messages, older=older,
+    return render_template("conversation.html", conversation=conversation, messages=messages, older=older,
                            sidebar=sidebar, next_cursor=next_cursor, query=query, models=models_or_none(),
                            default_model=conversation.model if conversation else current_app.config["DEFAULT_MODEL"],
                            errors=errors or {}, draft=draft, busy=busy), status
