@@ -1,5 +1,6 @@
 """llm_api_assistant: a chat app in front of a local LLM server, with a browser UI and a JSON API."""
 import logging
+import secrets
 import sys
 
 from flask import Flask, make_response, request
@@ -7,7 +8,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from . import capacity, errors, https
+from . import capacity, devkey, errors, https
 from . import config as config_module
 from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
@@ -30,8 +31,8 @@ def create_app(overrides=None):
                 static_folder=str(config_module.ROOT / "static"))
     app.config.update(config_module.load_config())
     app.config.update(overrides or {})
-    _check_secret_key(app)
     setup_logging(app.config["LOG_LEVEL"])
+    _check_secret_key(app)
     _prepare_database(app)
 
     db.init_app(app)
@@ -64,9 +65,14 @@ def create_app(overrides=None):
 
 
 def _check_secret_key(app):
+    """Production refuses a missing or weak key. Without one, a debug server uses a random key made
+    for this server start (webapp/devkey.py), never a published one; tests a random one per app."""
     if app.config.get("DEBUG") or app.config.get("TESTING"):
         if not app.config.get("SECRET_KEY"):
-            app.config["SECRET_KEY"] = "insecure-development-key-" + "x" * 16
+            if app.config.get("DEBUG"):
+                app.config["SECRET_KEY"] = devkey.development_key(config_module.INSTANCE_DIR)
+            else:
+                app.config["SECRET_KEY"] = secrets.token_hex(32)
         return
     problem = config_module.secret_key_problem(app.config)
     if problem:

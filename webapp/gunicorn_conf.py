@@ -13,6 +13,11 @@ at import and waits cooperatively (psycopg >= 3.1.14), and requests/urllib3 use 
 Keep `preload_app` off for the same reason.
 """
 import os
+import time
+
+# One tag per server start, inherited by every worker: a debug server without SECRET_KEY shares one
+# random key among its workers and makes a new one on the next start (webapp/devkey.py).
+os.environ["WEBAPP_SERVER_START"] = f"{os.getpid()}-{time.time_ns()}"
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))

@@ -1,7 +1,7 @@
 """POST /chat/: one turn, answered whole as JSON or streamed as Server-Sent Events."""
 from flask import g, jsonify
 
-from .. import service, sse
+from .. import service, sse, stream_auth
 from ..errors import ANSWER_ERROR_STATUS, invalid
 from ..limits import OPTION_RULES
 from . import bp
@@ -93,7 +93,11 @@ def stream_turn(ids, prompt=None):
     """start, token…, then done (or error): every event's data is JSON. Used for new turns,
     regenerations and re-attaching alike; following replays from the first token."""
     yield sse.event("start", ids)
+    watch = stream_auth.watch()
     for kind, value in service.follow(ids["message_id"]):
+        if not watch.still_allowed():  # signed out, token revoked or account disabled meanwhile
+            yield watch.ended()
+            return
         if kind == "token":
             yield sse.event("token", {"text": value})
         elif kind == "ping":
