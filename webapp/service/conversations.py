@@ -83,7 +83,9 @@ def decode_cursor(cursor):
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, conversation_id = raw.split("|")
-        return datetime.fromisoformat(stamp), min(int(conversation_id), MAX_ID)
+        # Clamped to the ids a 32-bit column can hold: PostgreSQL refuses a bigger (or far negative)
+        # number in the comparison with a 500-worthy error, and no row lies beyond either end.
+        return datetime.fromisoformat(stamp), max(0, min(int(conversation_id), MAX_ID))
     except (ValueError, UnicodeDecodeError):
         raise ServiceError(400, "invalid_field", "cursor is not valid", "cursor") from None
 
