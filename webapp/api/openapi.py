@@ -37,17 +37,22 @@ SSE_GRAMMAR = """Server-Sent Events (WHATWG HTML §9.2), UTF-8. Each event is on
 `data:` line of JSON and a blank line; lines starting with `:` are heartbeats to ignore:
 
 ```
-stream  = start *( token / ping ) ( done / error )
+stream  = start *( token / ping ) ( done / error / signed_out )
 start   = "event: start" LF "data: " StreamStart LF LF
 token   = "event: token" LF "data: " StreamToken LF LF   ; the next piece of the answer
 ping    = ": ping" LF LF
 done    = "event: done"  LF "data: " TurnResult LF LF    ; status complete or cancelled
 error   = "event: error" LF "data: " TurnResult LF LF    ; the answer failed; `error` says why
+signed_out = "event: signed_out" LF "data: " StreamSignedOut LF LF  ; the token or account ended
 ```
+
+A stream ends with `signed_out` within 5 s of its token ending (sign out everywhere, revoke, password
+change) or its account being disabled; the answer itself goes on being generated and saved.
 
 Each event's data schema is under `components/schemas`, and `x-sse-event` is the JSON Schema of one
 parsed event (`event`, `data`, and `id`/`retry` when sent), for tools that check events one by one."""
-SSE_EVENTS = {"start": "StreamStart", "token": "StreamToken", "done": "TurnResult", "error": "TurnResult"}
+SSE_EVENTS = {"start": "StreamStart", "token": "StreamToken", "done": "TurnResult", "error": "TurnResult",
+              "signed_out": "StreamSignedOut"}
 SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
     "event": {"const": name}, "id": {"type": "string"}, "retry": {"type": "integer"},
     "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(schema)}}}
@@ -94,6 +99,9 @@ SPEC = {
                 "message_id": {"type": "integer"}, "user_message_id": {"type": ["integer", "null"]},
                 "model": {"type": "string"}}},
             "StreamToken": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+            "StreamSignedOut": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string", "enum": ["signed_out", "account_disabled"]},
+                "message": {"type": "string"}}},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"},
                 "field": {"type": "string"}, "retry_after": {"type": "integer"}},
