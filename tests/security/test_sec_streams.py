@@ -5,6 +5,7 @@ import re
 import threading
 import time
 
+import pytest
 import requests
 
 from helpers import PASSWORD, csrf, make_user, page_sign_in
@@ -33,7 +34,8 @@ def _stop(base, username="alice"):
         requests.post(f"{base}/conversations/{conversation['id']}/stop", headers=auth, timeout=10)
 
 
-def test_an_api_stream_ends_when_its_user_signs_out_everywhere(app, fresh_db, live_server, ollama):
+@pytest.mark.parametrize("ending", ["logout-all", "revoke", "set-password"])
+def test_an_api_stream_ends_when_its_token_does(app, fresh_db, live_server, ollama, ending):
     make_user(app)
     ollama.script(**LONG_ANSWER)
     base = live_server.url
@@ -42,10 +44,15 @@ def test_an_api_stream_ends_when_its_user_signs_out_everywhere(app, fresh_db, li
                              stream=True, timeout=(5, 15))
     assert response.status_code == 200
 
-    def sign_out_everywhere():
-        assert requests.post(base + "/auth/logout-all", headers=auth, timeout=10).status_code == 204
+    def end_the_token():
+        if ending == "set-password":  # the password changed (here by the operator; the pages do the same)
+            result = app.test_cli_runner().invoke(args=["set-password", "alice"], input=PASSWORD + "\n")
+            assert result.exit_code == 0, result.output
+        else:
+            form = {"token": auth["Authorization"].split()[1]} if ending == "revoke" else None  # RFC 7009
+            assert requests.post(f"{base}/auth/{ending}", headers=auth, data=form, timeout=10).status_code in (200, 204)
 
-    seen, seconds = _read_until_end(sse_events(response), sign_out_everywhere)
+    seen, seconds = _read_until_end(sse_events(response), end_the_token)
     assert seconds is not None and seconds < ENDS_WITHIN, seconds
     assert seen[-1][0] == "signed_out" and seen[-1][1]["code"] == "signed_out"
     assert not any(name == "done" for name, _ in seen)  # it ended long before the answer did
