@@ -140,7 +140,8 @@ def test_a_client_that_disconnects_from_a_stream_cancels_it(server, key, ollama)
     ollama.script(reply=" ".join(f"w{i}" for i in range(200)), delay=0.05)
     response = requests.post(server.url + "/v1/chat/completions", stream=True, timeout=10,
                              headers={"Authorization": f"Bearer {key}"},
-                             json={"model": "tinyllama", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+                             json={"model": "tinyllama", "stream": True,
+                                   "messages": [{"role": "user", "content": "x"}]})
     conversation = response.headers["X-Conversation-Id"]
     lines = response.iter_lines()
     received = [next(lines) for _ in range(8)]

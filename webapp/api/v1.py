@@ -112,7 +112,7 @@ def service_error(exc):
 
 def from_service_error(exc):
     if exc.status == 429:
-        return OpenAIError(429, exc.message, "requests", "rate_limit_exceeded")
+        return OpenAIError(429, exc.message, "requests", "rate_limit_exceeded", headers=getattr(exc, "headers", None))
     if exc.status in (400, 415, 422):  # OpenAI answers every malformed request with 400
         return OpenAIError(400, exc.message, "invalid_request_error", exc.code, exc.field)
     if exc.status >= 500:
