@@ -132,3 +132,13 @@ def test_a_program_holding_a_key_can_manage_keys(client, auth):
     child = client.post("/auth/keys", json={"name": "child"}, headers=bearer(key))
     assert child.status_code == 201
     assert len(client.get("/auth/keys", headers=bearer(key)).get_json()["keys"]) == 2
+
+
+def test_a_key_can_be_revoked_by_its_value_for_rfc7009(app, client, auth):
+    key = make_key(client, auth)["key"]
+    with app.app_context():
+        from webapp.auth import api_keys
+        assert not api_keys.revoke_by_value(key, user_id=2)  # not bob's
+        assert api_keys.revoke_by_value(key, user_id=1)
+        assert not api_keys.revoke_by_value(key)  # already ended
+    assert client.get("/conversations", headers=bearer(key)).status_code == 401

@@ -246,3 +246,10 @@ def test_an_edited_history_starts_a_new_conversation_and_loses_nothing(app, clie
 def test_web_conversations_are_marked_web(app, client, auth):
     client.post("/chat/", json={"prompt": "hi"}, headers=auth)
     assert conversations(app)[0][0] == "web"
+
+
+def test_the_sidebar_marks_conversations_made_through_the_api(browser, key):
+    browser.post(URL, json={"model": "tinyllama", "messages": HELLO}, headers=key)
+    browser.post("/chat/", json={"prompt": "from the app's own API"}, headers=key)
+    html = browser.get("/?new=1").get_data(as_text=True)
+    assert html.count('title="made through the OpenAI-compatible /v1">API</abbr>') == 1

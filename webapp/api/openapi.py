@@ -137,7 +137,10 @@ SPEC = {
             "Conversation": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "model": {"type": "string"},
                 "system_prompt": {"type": "string"}, "message_count": {"type": "integer"},
-                "generating": {"type": "boolean"}, "created_at": {"type": "string", "format": "date-time"},
+                "generating": {"type": "boolean"},
+                "source": {"type": "string", "enum": ["web", "api"],
+                           "description": "`api`: made through the OpenAI-compatible `/v1`"},
+                "created_at": {"type": "string", "format": "date-time"},
                 "updated_at": {"type": "string", "format": "date-time"}}},
             "ApiKey": {"type": "object", "required": ["id", "name", "prefix", "created_at"], "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},

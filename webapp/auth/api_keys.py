@@ -95,6 +95,17 @@ def revoke(user_id, key_id):
         raise not_found("API key")
 
 
+def revoke_by_value(key, user_id=None):
+    """Revoke a key given the key itself (RFC 7009 revocation with `token=llmk_...`); with user_id,
+    only that person's. True if a live key was ended."""
+    statement = update(ApiKey).where(ApiKey.key_hash == _hash(key), ApiKey.revoked_at.is_(None))
+    if user_id is not None:
+        statement = statement.where(ApiKey.user_id == user_id)
+    ended = db.session.execute(statement.values(revoked_at=utcnow())).rowcount
+    db.session.commit()
+    return ended > 0
+
+
 def verify(key):
     """The active owner of the key, or InvalidKey saying why not. Writes last_used_at at most once a minute."""
     row = db.session.execute(select(ApiKey, User).join(User, User.id == ApiKey.user_id)
