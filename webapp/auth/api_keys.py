@@ -56,8 +56,10 @@ def clean_days(days):
     """Days until the key expires: None (never) or 1..API_KEY_DAYS_MAX."""
     if days is None or days == "":
         return None
-    if isinstance(days, str) and days.strip().isdigit():
+    if isinstance(days, str) and days.strip().isascii() and days.strip().isdigit():
         days = int(days.strip())
+    if isinstance(days, float) and days.is_integer():  # 30.0 is an integer in JSON, as in JSON Schema
+        days = int(days)
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= API_KEY_DAYS_MAX:
         raise invalid("expires_in_days", f"expires_in_days must be an integer from 1 to {API_KEY_DAYS_MAX}, or null")
     return days
