@@ -163,3 +163,13 @@ def test_a_client_that_disconnects_from_a_plain_call_cancels_it(server, key, oll
     answer = wait_for(lambda: (lambda m: m if m["status"] == "cancelled" else None)(
         answer_of(server, key, conversation)))
     assert answer["content"].startswith("w0") and len(answer["content"].split()) < 200
+
+
+def test_a_revoked_key_is_refused_at_once_by_every_worker(server, sdk, key):
+    assert sdk.models.list().data  # works (the server runs two workers)
+    auth = login(server.url, "alice", "correct horse battery")
+    [listed] = requests.get(server.url + "/auth/keys", headers=auth, timeout=10).json()["keys"]
+    assert requests.delete(f"{server.url}/auth/keys/{listed['id']}", headers=auth, timeout=10).status_code == 204
+    for _ in range(10):  # fresh connections, spread over the workers
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0).models.list()

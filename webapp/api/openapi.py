@@ -79,7 +79,10 @@ SPEC = {
              "description": "Chat with a local LLM. Log in with the OAuth2 password form at `/auth/login` "
                             "(RFC 6749 §4.3), then send `Authorization: Bearer <token>`. Every response "
                             "carries `X-Request-ID`. Errors are `{\"error\": {code, message, request_id}}`, "
-                            "except the token endpoint's, which follow RFC 6749 §5.2."},
+                            "except the token endpoint's, which follow RFC 6749 §5.2. Personal API keys "
+                            "(`llmk_...`, made at `/auth/keys`) work as bearer tokens too. `/v1` is "
+                            "OpenAI's chat API (models, chat completions) for OpenAI clients: it follows "
+                            "OpenAI's own description and is not repeated here."},
     "servers": [{"url": "/", "description": "this server"}],
     "components": {
         "securitySchemes": {
