@@ -253,3 +253,15 @@ def test_the_sidebar_marks_conversations_made_through_the_api(browser, key):
     browser.post("/chat/", json={"prompt": "from the app's own API"}, headers=key)
     html = browser.get("/?new=1").get_data(as_text=True)
     assert html.count('title="made through the OpenAI-compatible /v1">API</abbr>') == 1
+
+
+def test_a_system_message_too_long_for_a_system_prompt_is_stored_as_a_message(app, client, key):
+    from webapp.limits import SYSTEM_PROMPT_MAX
+    history = [{"role": "system", "content": "s" * (SYSTEM_PROMPT_MAX + 1)}, *HELLO]
+    cid = client.post(URL, json={"model": "tinyllama", "messages": history}, headers=key).headers["X-Conversation-Id"]
+    history += [{"role": "assistant", "content": "Hello from the fake model."}, {"role": "user", "content": "more"}]
+    again = client.post(URL, json={"model": "tinyllama", "messages": history},
+                        headers={**key, "X-Conversation-Id": cid})
+    assert again.headers["X-Conversation-Id"] == cid
+    [(_, system, rows)] = conversations(app)
+    assert system == "" and [role for role, _, _ in rows] == ["system", "user", "assistant", "user", "assistant"]

@@ -101,11 +101,13 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
             conversation, stored = None, 0
     if conversation is None:
         system = messages[0]["content"] if messages[0]["role"] == "system" and len(messages) > 1 else ""
-        conversation = create_conversation(user, title=title_from(prompt), model=model,
-                                           system_prompt=system[:SYSTEM_PROMPT_MAX], commit=False)
+        if len(system) > SYSTEM_PROMPT_MAX:
+            system = ""  # too long for the conversation's system prompt: stored as a message instead
+        conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
+                                           commit=False)
         conversation.source = SOURCE_API
         db.session.flush()
-        stored = 1 if system and len(system) <= SYSTEM_PROMPT_MAX else 0
+        stored = 1 if system else 0
     now = utcnow()
     earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
                        request_id=request_id, created_at=now) for m in messages[stored:-1]]
