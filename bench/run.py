@@ -725,7 +725,7 @@ def seed_history(database, user_id, conversations, per_conversation, log):
                      (first_id + conversations,))
         k = 0
         with conn.cursor().copy("COPY messages (conversation_id, role, content, status, model, cancel_requested, "
-                                "created_at, finished_at) FROM STDIN") as copy:
+                                "created_at, heartbeat_at) FROM STDIN") as copy:
             for n in range(conversations):
                 stamp = base + datetime.timedelta(minutes=n)
                 for m in range(per_conversation):
@@ -843,8 +843,8 @@ def main():
     quick = args.quick
     only = set(args.only.split(","))
     sizes = [int(s) for s in (args.streams or ("64,256" if quick else "64,256,1000")).split(",")]
-    history = args.history or ("500x40" if quick else "10000x100")
-    conversations, per_conversation = (int(x) for x in history.split("x"))
+    history_size = args.history or ("500x40" if quick else "10000x100")
+    conversations, per_conversation = (int(x) for x in history_size.split("x"))
     extra_env = dict(item.split("=", 1) for item in args.env)
 
     global PRIORITY
