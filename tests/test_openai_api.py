@@ -265,3 +265,14 @@ def test_a_system_message_too_long_for_a_system_prompt_is_stored_as_a_message(ap
     assert again.headers["X-Conversation-Id"] == cid
     [(_, system, rows)] = conversations(app)
     assert system == "" and [role for role, _, _ in rows] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_the_api_lists_conversations_by_source(client, key):
+    ask(client, key)
+    client.post("/chat/", json={"prompt": "from the app's own API"}, headers=key)
+    for source in ("api", "web"):
+        listed = client.get(f"/conversations?source={source}", headers=key).get_json()["conversations"]
+        assert [c["source"] for c in listed] == [source]
+    assert len(client.get("/conversations", headers=key).get_json()["conversations"]) == 2
+    wrong = client.get("/conversations?source=cli", headers=key)
+    assert wrong.status_code == 400 and wrong.get_json()["error"]["field"] == "source"

@@ -226,7 +226,9 @@ SPEC = {
                                                              "maximum": CONVERSATION_PAGE[1]}},
                 {"name": "cursor", "in": "query", "schema": {"type": "string"},
                  "description": "opaque: the `next_cursor` of the previous page (anything else is a 400)"},
-                {"name": "q", "in": "query", "schema": {"type": "string"}}],
+                {"name": "q", "in": "query", "schema": {"type": "string"}},
+                {"name": "source", "in": "query", "schema": {"type": "string", "enum": ["web", "api"]},
+                 "description": "only conversations made through that door (`api`: the OpenAI-compatible `/v1`)"}],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "conversations": {"type": "array", "items": _ref("Conversation")},
                     "next_cursor": {"type": ["string", "null"]}}}), **_errors("400", "401")}},
