@@ -17,7 +17,8 @@ from .logs import init_request_ids, setup_logging
 
 # URLs that belong to the JSON API even when they match no route (404/405 at routing): kept here,
 # next to the blueprint registrations, so a new API route's prefix is added where it is mounted.
-API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/ready", "/openapi.json")
+API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/ready", "/openapi.json", "/v1")
+OPENAI_PREFIX = "/v1"  # the OpenAI-compatible door (webapp/api/v1.py): OpenAI's error shape, even unmatched
 
 
 class ConfigError(RuntimeError):
@@ -50,6 +51,9 @@ def create_app(overrides=None):
     from .api import bp as api_bp
     csrf.exempt(api_bp)  # bearer tokens, not cookies: no CSRF exposure
     app.register_blueprint(api_bp)
+    from .api.v1 import bp as v1_bp
+    csrf.exempt(v1_bp)  # bearer tokens and API keys, not cookies
+    app.register_blueprint(v1_bp)
     from .web import init_web
     init_web(app)
     errors.init_app(app, API_PREFIXES)
@@ -111,8 +115,15 @@ def _register_error_handlers(app):
             return api_errors.too_many_sign_ins(exc.retry_after)
         return throttled_page(exc.retry_after)
 
+    from .api import v1
+
+    def is_openai_path():
+        return request.path == OPENAI_PREFIX or request.path.startswith(OPENAI_PREFIX + "/")
+
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        if is_openai_path():
+            return v1.http_error_response(exc)
         if errors.is_api_request():
             return api_errors.http_error(exc)
         response = make_response(web_errors.http_error_page(exc))
@@ -125,4 +136,6 @@ def _register_error_handlers(app):
     def unexpected(exc):
         logging.getLogger("webapp").exception("unhandled error on %s %s", request.method, request.path)
         db.session.rollback()
+        if is_openai_path():
+            return v1.internal_error()
         return api_errors.internal_error() if errors.is_api_request() else web_errors.internal_error_page()

@@ -4,7 +4,7 @@ from functools import wraps
 
 from flask import g, request
 
-from ..auth import tokens
+from ..auth import api_keys, tokens
 from ..errors import ServiceError
 from .errors import error_response
 
@@ -17,14 +17,23 @@ def token_required(view):
         if scheme.lower() != "bearer" or not token.strip():
             return _unauthorized("missing bearer token", None)
         try:
-            g.api_user = tokens.verify(token.strip())
-            g.user_name = g.api_user.username
-            # What an open stream re-checks (webapp/stream_auth.py), read now while the row is fresh.
-            g.auth_user_id, g.auth_token_version = g.api_user.id, g.api_user.token_version
-        except tokens.TokenError as exc:
+            bearer_user(token.strip())
+        except (tokens.TokenError, api_keys.InvalidKey) as exc:
             return _unauthorized(str(exc))
         return view(*args, **kwargs)
     return wrapped
+
+
+def bearer_user(token):
+    """Sets g.api_user from a bearer credential: a personal API key (told by its `llmk_` prefix) or a
+    JWT. Raises TokenError / InvalidKey. (/v1 calls this too, and answers refusals in OpenAI's shape.)"""
+    is_key = api_keys.looks_like_key(token)
+    g.api_user = api_keys.verify(token) if is_key else tokens.verify(token)
+    g.user_name = g.api_user.username
+    # What an open stream re-checks (webapp/stream_auth.py), read now while the row is fresh. A key
+    # outlives sign-out everywhere (DESIGN), so its streams end only with the account.
+    g.auth_user_id, g.auth_token_version = g.api_user.id, (None if is_key else g.api_user.token_version)
+    return g.api_user
 
 
 def _unauthorized(message, error="invalid_token"):
