@@ -725,7 +725,7 @@ def seed_history(database, user_id, conversations, per_conversation, log):
                      (first_id + conversations,))
         k = 0
         with conn.cursor().copy("COPY messages (conversation_id, role, content, status, model, cancel_requested, "
-                                "created_at, finished_at) FROM STDIN") as copy:
+                                "created_at, heartbeat_at) FROM STDIN") as copy:
             for n in range(conversations):
                 stamp = base + datetime.timedelta(minutes=n)
                 for m in range(per_conversation):

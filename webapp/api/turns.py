@@ -1,7 +1,7 @@
 """POST /chat/: one turn, answered whole as JSON or streamed as Server-Sent Events."""
 from flask import g, jsonify
 
-from .. import service, sse
+from .. import service, sse, stream_auth
 from ..errors import ANSWER_ERROR_STATUS, invalid
 from ..limits import OPTION_RULES
 from . import bp
@@ -96,7 +96,11 @@ def stream_turn(ids, prompt=None, since=0):
     re-attaching alike; `since` is that offset (0: replay from the first token)."""
     offset = since
     yield sse.event("start", ids, id=offset, retry=sse.RETRY_MS)
+    watch = stream_auth.watch()
     for kind, value in service.follow(ids["message_id"], since=since):
+        if not watch.still_allowed():  # signed out, token revoked or account disabled meanwhile
+            yield watch.ended()
+            return
         if kind == "token":
             offset += len(value)
             yield sse.event("token", {"text": value}, id=offset)

@@ -9,7 +9,7 @@ from flask import current_app, g, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError
 
-from .. import limits, service, sse
+from .. import limits, service, sse, stream_auth
 from ..downloads import markdown_file
 from ..errors import LLMError, ServiceError
 from ..extensions import llm_service
@@ -230,7 +230,11 @@ def answer_frames(message_id, conversation_id, since=0):
     text, rendered, last_render = "", "", 0.0
     # The sidebar entry says "answering…" now and loses it at the end, without a reload.
     yield sse.event("item", {"html": sidebar_item(conversation_id)}, id=since, retry=sse.RETRY_MS)
+    watch = stream_auth.watch()
     for kind, value in service.follow(message_id):
+        if not watch.still_allowed():  # this browser's session ended, or the account was disabled
+            yield watch.ended()
+            return
         if kind == "token":
             text += value
         if kind in ("token", "idle") and text != rendered and time.monotonic() - last_render >= RENDER_INTERVAL:
