@@ -18,6 +18,7 @@ def test_a_local_ollama_is_preferred(ollama):
 def test_without_ollama_the_tiny_model_serves(monkeypatch):
     started = []
     monkeypatch.setattr(launch.atexit, "register", started.append)
+    monkeypatch.setenv("PORT", "9")  # the app's port (PORT=... make run) is not the model server's
     env = launch.choose_backend({}, local_ollama="http://127.0.0.1:9")
     try:
         assert env["LLM_BACKEND"] == "openai" and env["DEFAULT_MODEL"] == "smollm2-135m"

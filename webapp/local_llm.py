@@ -5,6 +5,7 @@ Used by `make run` when no Ollama is reachable, and by the real-model tests. The
 in requirements-llm.txt, never in the production image.
 """
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -32,6 +33,12 @@ def tiny_model_available():
     return gguf_path() is not None and importlib.util.find_spec("llama_cpp") is not None
 
 
+def _server_env():
+    """llama_cpp.server reads HOST and PORT from the environment ahead of its own arguments, and
+    `PORT` is the app's port (`PORT=8123 make run`): without this it would take the app's port."""
+    return {name: value for name, value in os.environ.items() if name not in ("HOST", "PORT")}
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,7 +62,7 @@ class TinyModelServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", self.alias,
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, env=_server_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
