@@ -96,6 +96,7 @@
   // Server-Sent Events from /c/<id>/m/<message id>/events:
   //   "html" - the whole answer so far, rendered and sanitized on the server (a reconnect replays
   //            from the start, so we replace the text, never append);
+  //   "queued" - its place in the model's queue, while it waits (see below);
   //   "done" - the final message fragment (stats, or the failure in words, and Retry);
   //   "gone" - the conversation was deleted meanwhile.
   function follow(article) {
@@ -110,6 +111,19 @@
       if (text) { text.innerHTML = JSON.parse(event.data).html; }
       addCopyButtons(article);
       if (stick) { toBottom(); }
+    });
+    // "queued" - the answer waits for the model; position 1 is next in line.
+    source.addEventListener("queued", function (event) {
+      var ahead = JSON.parse(event.data).position - 1;
+      var working = article.querySelector(".working");
+      if (working) {
+        working.textContent = ahead > 0 ? "Waiting for the model: " + ahead + " ahead of you…"
+                                        : "Waiting for the model: you are next…";
+      }
+    });
+    source.addEventListener("html", function (event) {
+      var working = article.querySelector(".working");
+      if (working && working.textContent !== "Answering…") { working.textContent = "Answering…"; }
     });
     source.addEventListener("item", function (event) {
       placeItem(JSON.parse(event.data).html);

@@ -3,7 +3,6 @@ from flask import g, jsonify
 
 from .. import service, sse
 from ..errors import ANSWER_ERROR_STATUS, invalid
-from ..limits import OPTION_RULES
 from . import bp
 from .errors import error_response
 from .guard import json_body, token_required
@@ -14,12 +13,12 @@ def parse_options(raw):
         return {}
     if not isinstance(raw, dict):
         raise invalid("options", "options must be an object")
-    options = {}
+    options, rules = {}, service.option_rules()  # with the operator's ceilings
     for name, value in raw.items():
         field = f"options.{name}"
-        if name not in OPTION_RULES:
+        if name not in rules:
             raise invalid(field, f"unknown option '{name}'")
-        kind, low, high = OPTION_RULES[name]
+        kind, low, high = rules[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid(field, f"{field} must be a number")
         if kind is int and not float(value).is_integer():  # 4096.0 is an integer in JSON, as in JSON Schema
@@ -90,11 +89,14 @@ def finished_response(final, prompt, user_message_id=None):
 
 
 def stream_turn(ids, prompt=None):
-    """start, token…, then done (or error): every event's data is JSON. Used for new turns,
-    regenerations and re-attaching alike; following replays from the first token."""
+    """start, queued… (while waiting for the model), token…, then done (or error): every event's
+    data is JSON. Used for new turns, regenerations and re-attaching alike; following replays from
+    the first token."""
     yield sse.event("start", ids)
     for kind, value in service.follow(ids["message_id"]):
-        if kind == "token":
+        if kind == "queued":
+            yield sse.event("queued", {"position": value})
+        elif kind == "token":
             yield sse.event("token", {"text": value})
         elif kind == "ping":
             yield sse.PING

@@ -11,9 +11,10 @@ from .. import answers
 from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
-from ..models import COMPLETE, FINAL_STATUSES, Conversation, Message
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, Conversation, Message
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
-from .validation import clean_model, clean_prompt, title_from
+from .fairness import take_turn
+from .validation import check_model, check_options, clean_prompt, title_from
 
 COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
 
@@ -52,7 +53,8 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     """Save the prompt, claim the conversation, start generating; returns the Turn at once.
     `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's."""
     prompt = clean_prompt(prompt)
-    model = clean_model(model) if model is not None else None
+    model = check_model(model) if model is not None else None
+    options = check_options(options)
     if conversation_id is None:
         conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
         db.session.flush()
@@ -64,28 +66,35 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
         history = None
     model = model or conversation.model
     prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
-                                                 is_live=generations.is_live)
+                                                 is_live=generations.is_live, queued=_queue_on(),
+                                                 guard=lambda: take_turn(user))
     return _launch(conversation, prompt_message, answer, options, history)
+
+
+def _queue_on():
+    return current_app.config["LLM_MAX_PARALLEL"] > 0
 
 
 def regenerate(user, conversation_id, model=None, request_id=None, options=None):
     """Run the last turn again. The last answer (failed, stopped or fine) is replaced by the new one."""
     conversation = get_conversation(user, conversation_id)
-    model = clean_model(model) if model else conversation.model
+    model = check_model(model) if model else conversation.model
+    options = check_options(options)
     last = db.session.execute(select(Message.id, Message.role).where(Message.conversation_id == conversation.id)
                               .order_by(Message.id.desc()).limit(1)).first()
     if last is None:
         raise ServiceError(409, "nothing_to_regenerate", "this conversation has no message to answer again")
     replaces = last.id if last.role == "assistant" else None
     _, answer = answers.open_answer(conversation, model, request_id, replaces=replaces,
-                                    is_live=generations.is_live)
+                                    is_live=generations.is_live, queued=_queue_on(),
+                                    guard=lambda: take_turn(user))
     return _launch(conversation, None, answer, options, None)
 
 
 def _launch(conversation, prompt_message, answer, options, history):
     messages = build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
-              options=options or {}, request_id=answer.request_id)
+              options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
     rows = [row for row in (conversation, prompt_message, answer) if row is not None]
     for row in rows:
         db.session.expunge(row)  # keeps what was written, readable after the commit
@@ -124,6 +133,8 @@ def build_context(conversation, answer_id, history=None, prompt_message=None):
 
 def follow(message_id, poll=0.3, keepalive=10.0):
     """Yield ("token", text) as the answer grows, then ("done", Message) once it is final.
+    While the answer waits in the model's queue, ("queued", place) each time its place in line
+    changes (1 = next to run).
 
     Replays from the start, so a client that re-attaches gets the whole answer. Tokens come from
     this process's live generation when it is here, else from the row the generating worker
@@ -131,10 +142,13 @@ def follow(message_id, poll=0.3, keepalive=10.0):
     (a tick for throttled renderers), and ("ping", None) every `keepalive` seconds of silence, to
     let the caller notice a client that went away.
     """
-    sent, idle_since = 0, time.monotonic()
+    sent, idle_since, place = 0, time.monotonic(), None
     while True:
         live = generations.get(message_id)
         if live is not None:
+            if live.position is not None and live.position != place:
+                place = live.position
+                yield "queued", place
             live.wait(sent, timeout=poll)
             if not live.done and len(live.text) > sent:
                 time.sleep(COALESCE_SECONDS)  # a few tokens per event, not one wake-up per token
@@ -145,6 +159,11 @@ def follow(message_id, poll=0.3, keepalive=10.0):
                 return
             if answers.interrupt_if_orphaned(message, generations.is_live):
                 message = _fresh_message(message_id)
+            if message.status == QUEUED:  # generated on another worker: read its place in line
+                now = answers.place_in_line(message_id, message.model)
+                if now is not None and now != place:
+                    place = now
+                    yield "queued", place
             text, finished = message.content, message.status in FINAL_STATUSES
         if len(text) > sent:
             yield "token", text[sent:]
