@@ -60,11 +60,11 @@ class Job:
 class Live:
     """In-process view of one running generation: its text so far, and a way to abort it."""
 
-    def __init__(self, message_id, model=None, queued=False):
+    def __init__(self, message_id, model=None):
         self.message_id = message_id
         self.model = model
-        # Place in the model's queue while waiting for a slot (1 = next), None once running.
-        self.position = 1 if queued else None
+        # Place in the model's queue while it waits for a slot (1 = next); None when not waiting.
+        self.position = None
         self.text = ""
         self.done = False
         self.cancelled = False
@@ -161,7 +161,7 @@ class _Registry:
             return list(self._live)
 
     def launch(self, job, client):
-        live = Live(job.message_id, job.model, job.queued)
+        live = Live(job.message_id, job.model)
         with self._lock:
             self._live[job.message_id] = live
             if self._watchdog is None or not self._watchdog.is_alive():
@@ -284,17 +284,19 @@ class Generation:
         """Ask once at once; then wait, holding nothing, for the watchdog's ticks to admit it."""
         config = current_app.config
         deadline = time.monotonic() + config["LLM_QUEUE_TIMEOUT"]
-        _take_places([self.live], config["LLM_MAX_PARALLEL"])
+        place = _take_places([self.live], config["LLM_MAX_PARALLEL"]).get(self.job.message_id)
         db.session.close()
+        if place is None:  # no longer queued: deleted (or stopped) before it could start
+            raise llm.Cancelled("stopped before the model started")
         while self.live.position is not None:
             if self.live.cancelled:
-                raise llm.Cancelled()
+                raise llm.Cancelled("stopped before the model started")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QueueTimeout()
             self.live.wait_turn(min(remaining, 1.0))
         if self.live.cancelled:
-            raise llm.Cancelled()
+            raise llm.Cancelled("stopped before the model started")
         self.started = time.monotonic()
 
     def _stream(self):
@@ -324,6 +326,7 @@ def _take_places(lives, limit):
         place = places.get(live.message_id)
         if place is not None:
             live.place(place or None)
+    return places
 
 
 def _usage(final):
