@@ -165,13 +165,14 @@ def test_unreachable_model_server_accepts_the_allow_list_and_the_default_only(ma
 def test_zero_turns_the_limits_and_the_queue_off(app, fresh_db, ollama):
     """The bench's many-stream runs set all three to 0: no lock, no count, no queue."""
     server = LiveServer(fresh_db, ollama.url, workers=2, USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0,
-                        LLM_MAX_PARALLEL=0, LLM_READ_TIMEOUT=10).start()
+                        LLM_MAX_PARALLEL=0, LLM_READ_TIMEOUT=10, DB_POOL_TIMEOUT=10).start()
     try:
         make_user(app)
         auth = login(server.url, "alice", PASSWORD)
         ollama.script(reply=" ".join(f"w{i}" for i in range(20)), delay=0.1)  # 2 s each: all open together
-        responses = burst(server, auth, 40)
-        assert [response.status_code for response in responses] == [200] * 40
+        # (DB_POOL_TIMEOUT: so many turns *starting* at one instant may otherwise meet a 503 by design)
+        responses = burst(server, auth, 24)
+        assert [response.status_code for response in responses] == [200] * 24
         assert ollama.wait_for_event("chat_start", timeout=10)
         from webapp.extensions import db
         from webapp.models import Message, RateLimitHit
@@ -181,7 +182,7 @@ def test_zero_turns_the_limits_and_the_queue_off(app, fresh_db, ollama):
         assert "queued" not in statuses
         for response in responses:
             response.close()
-        assert ollama.peak_streams >= 10  # together at the model: no queue of 4, no limit of 2 (busy box: not 40)
+        assert ollama.peak_streams >= 10  # together at the model: no queue of 4, no limit of 2 (busy box: not all 24)
     finally:
         server.stop()
 

@@ -41,30 +41,31 @@ def _key(user_id):
 
 def take_turn(user):
     """In the caller's transaction, before the answer row is added: refuse with 429 (and a
-    Retry-After) if this person is over a limit, else count the start. Nothing to do when off."""
+    Retry-After) if this person is over a limit, else count the start. Three statements (the lock,
+    one SELECT, the INSERT of the start); none when both limits are off."""
     max_running, per_minute = limits_of(user)
     if not max_running and not per_minute:
         return
     answers.lock(USER_LOCK, user.id)
-    if max_running:
-        unfinished = db.session.scalar(
-            select(func.count()).select_from(Message).join(Conversation, Conversation.id == Message.conversation_id)
-            .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user.id))
-        if unfinished >= max_running:
-            db.session.rollback()
-            raise ServiceError(429, "too_many_answers",
-                               f"you already have {unfinished} answer{'s' if unfinished != 1 else ''} being "
-                               f"generated (at most {max_running} at once); wait for one to finish",
-                               retry_after=BUSY_RETRY_AFTER)
-    if per_minute:
-        now, key = time.time(), _key(user.id)
-        db.session.execute(delete(HITS).where(HITS.c.key == key, HITS.c.at <= now - WINDOW))
-        oldest, count = db.session.execute(select(func.min(HITS.c.at), func.count()).where(
-            HITS.c.key == key, HITS.c.at > now - WINDOW)).one()
-        if count >= per_minute:
-            db.session.rollback()
-            wait = max(1, math.ceil(oldest + WINDOW - now))
-            raise ServiceError(429, "too_many_answers",
-                               f"at most {per_minute} answers a minute; try again in {wait} seconds",
-                               retry_after=wait)
-        db.session.execute(insert(HITS).values(key=key, at=now, expires_at=now + WINDOW))
+    now, key = time.time(), _key(user.id)
+    mine = HITS.c.key == key
+    unfinished, started, oldest, expired = db.session.execute(select(
+        select(func.count()).select_from(Message).join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user.id).scalar_subquery(),
+        select(func.count()).where(mine, HITS.c.at > now - WINDOW).scalar_subquery(),
+        select(func.min(HITS.c.at)).where(mine, HITS.c.at > now - WINDOW).scalar_subquery(),
+        select(func.count()).where(mine, HITS.c.at <= now - WINDOW).scalar_subquery())).one()
+    if max_running and unfinished >= max_running:
+        db.session.rollback()
+        raise ServiceError(429, "too_many_answers",
+                           f"you already have {unfinished} answer{'s' if unfinished != 1 else ''} being "
+                           f"generated (at most {max_running} at once); wait for one to finish",
+                           retry_after=BUSY_RETRY_AFTER)
+    if per_minute and started >= per_minute:
+        db.session.rollback()
+        wait = max(1, math.ceil(oldest + WINDOW - now))
+        raise ServiceError(429, "too_many_answers",
+                           f"at most {per_minute} answers a minute; try again in {wait} seconds", retry_after=wait)
+    if expired >= max(per_minute, 1):  # tidy up now and then, not on every turn
+        db.session.execute(delete(HITS).where(mine, HITS.c.at <= now - WINDOW))
+    db.session.execute(insert(HITS).values(key=key, at=now, expires_at=now + WINDOW))
