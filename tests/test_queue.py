@@ -162,3 +162,38 @@ def test_stop_while_queued_saves_cancelled_and_frees_the_conversation(servers, a
     assert rest[-1][0] == "done" and rest[-1][1]["status"] == "cancelled"
     holder.join(30)
     assert prompts_in_model_order(ollama) == ["long"]
+
+
+@pytest.mark.browser
+def test_the_page_says_how_many_are_ahead(servers, app, ollama, chromium):
+    from playwright.sync_api import expect
+
+    from helpers import ask, last_answer, sign_in_page
+    server = servers(LLM_MAX_PARALLEL=1, LLM_READ_TIMEOUT=10)
+    for name in ("alice", "bob", "carol", "dave"):
+        make_user(app, name)
+    ollama.script(reply=" ".join(f"w{i}" for i in range(60)), delay=0.1)  # 6 s each
+    record, threads = {}, []
+    for name in ("bob", "carol", "dave"):  # bob's runs; carol's and dave's wait
+        auth = login(server.url, name, PASSWORD)
+        threads.append(threading.Thread(target=stream, args=(server, auth, name, record)))
+        threads[-1].start()
+        if name == "bob":
+            assert ollama.wait_for_event("chat_start", timeout=10)
+        time.sleep(0.2)
+    context = chromium.new_context()
+    page = context.new_page()
+    page.base = server.url
+    try:
+        sign_in_page(page)
+        ask(page, "my turn?")
+        expect(last_answer(page).locator(".working")).to_have_text("Waiting for the model: 2 ahead of you…",
+                                                                   timeout=10_000)
+        # Stop while waiting: the bubble ends as stopped, and the model never saw the question.
+        last_answer(page).get_by_role("button", name="Stop the answer").click()
+        expect(last_answer(page).locator(".notice")).to_have_text("Stopped.", timeout=10_000)
+    finally:
+        context.close()
+    for thread in threads:
+        thread.join(40)
+    assert "my turn?" not in prompts_in_model_order(ollama)

@@ -108,6 +108,15 @@ def lock(namespace, key):
         db.session.execute(update(Message).where(Message.id == -1).values(status=QUEUED))
 
 
+def model_key(name):
+    """One queue per model, however it is spelt: Ollama reads 'tinyllama' as 'tinyllama:latest'."""
+    return name if ":" in name else name + ":latest"
+
+
+def _spellings(key):
+    return [key, key[:-len(":latest")]] if key.endswith(":latest") else [key]
+
+
 def _queue_of(model):
     """(fair order of the queued answer ids, how many run) for one model. Round-robin across
     people: an answer's rank is how many answers its person already has running or queued ahead
@@ -115,7 +124,8 @@ def _queue_of(model):
     rows = db.session.execute(
         select(Message.id, Message.status, Conversation.user_id)
         .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(Message.status.in_(ACTIVE_STATUSES), Message.model == model).order_by(Message.id)).all()
+        .where(Message.status.in_(ACTIVE_STATUSES), Message.model.in_(_spellings(model_key(model))))
+        .order_by(Message.id)).all()
     per_person = Counter(user_id for _, status, user_id in rows if status in RUNNING_STATUSES)
     running = sum(per_person.values())
     ranked = []
@@ -127,15 +137,15 @@ def _queue_of(model):
 
 
 def admit(waiting, limit):
-    """Give free slots to queued answers, in fair order. `waiting`: {model: ids of queued answers
-    this process runs}; only those are admitted here (a head of the line that another worker runs is
+    """Give free slots to queued answers, in fair order. `waiting`: {model_key(model): ids of queued
+    answers this process runs}; only those are admitted here (a head of the line that another worker runs is
     admitted by that worker's next tick). One short transaction, under each model's lock, so workers
     and replicas never run more than `limit` answers of a model at once. Returns {id: place in line},
     0 for the answers admitted now (now 'pending'); an id missing from the result is no longer queued."""
     places = {}
     try:
         for model in sorted(waiting):
-            lock(QUEUE_LOCK, model)
+            lock(QUEUE_LOCK, model_key(model))
             order, running = _queue_of(model)
             free = max(0, limit - running)
             mine = waiting[model]

@@ -320,7 +320,7 @@ def _take_places(lives, limit):
     """answers.admit for these waiting lives; each learns its place (None: admitted, it may run)."""
     waiting = {}
     for live in lives:
-        waiting.setdefault(live.model, set()).add(live.message_id)
+        waiting.setdefault(answers.model_key(live.model), set()).add(live.message_id)
     places = answers.admit(waiting, limit)
     for live in lives:
         place = places.get(live.message_id)
