@@ -1,7 +1,7 @@
 """The fair queue in front of the model, against gunicorn as shipped (two gevent workers, PostgreSQL):
 at most LLM_MAX_PARALLEL answers reach the model at once whichever worker runs them, the rest wait
 round-robin across people and are told their place, and a wait past LLM_QUEUE_TIMEOUT is saved as an
-error like any other failure."""
+error like any other failure. The first test runs on SQLite too (two workers, one file)."""
 import threading
 import time
 
@@ -9,7 +9,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from helpers import PASSWORD, make_user
+from helpers import PASSWORD, both_databases, make_user
 from live import LiveServer, login, sse_events
 
 NO_USER_LIMITS = {"USER_MAX_RUNNING": 0, "USER_MAX_PER_MINUTE": 0}
@@ -50,6 +50,7 @@ def prompts_in_model_order(ollama):
     return [request["messages"][-1]["content"] for request in ollama.chat_requests if request.get("messages")]
 
 
+@both_databases  # SQLite: the same queue, its single writer standing in for the advisory lock
 def test_two_at_a_time_across_workers_round_robin_across_people(servers, app, ollama):
     server = servers(LLM_MAX_PARALLEL=2)
     make_user(app)
