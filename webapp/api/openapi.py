@@ -67,6 +67,9 @@ SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"], "proper
 SSE_MEDIA = {"text/event-stream": {"schema": {"type": "string", "description": SSE_GRAMMAR},
                                    "x-sse-event": SSE_EVENT}}
 SSE = {"description": "The answer as Server-Sent Events:\n\n" + SSE_GRAMMAR, "content": SSE_MEDIA}
+MODEL = {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX,
+         "description": "a name `GET /models` lists (`llama3.2` stands for `llama3.2:latest`), or one the "
+                        "operator allows; any other is refused with 422 `unknown_model`"}
 METHOD_NOT_ALLOWED = _json(_ref("Error"), "This path does not take this method; `Allow` lists those it takes")
 METHOD_NOT_ALLOWED["headers"] = {"Allow": {"schema": {"type": "string"}, "description": "e.g. `GET, POST`"}}
 
@@ -119,7 +122,7 @@ SPEC = {
             "Options": options_schema(OPTION_RULES),  # maxima of the running configuration: see openapi()
             "ChatRequest": {"type": "object", "required": ["prompt"], "properties": {
                 "prompt": {"type": "string", "pattern": NOT_BLANK}, "conversation_id": {"type": "integer"},
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX},
+                "model": MODEL,
                 "stream": {"type": "boolean", "default": False},
                 "options": _ref("Options")}},
             "Usage": {"type": "object", "properties": {name: {"type": ["number", "null"]} for name in (
@@ -148,7 +151,7 @@ SPEC = {
                 "updated_at": {"type": "string", "format": "date-time"}}},
             "ConversationChange": {"type": "object", "properties": {
                 "title": {"type": "string", "pattern": NOT_BLANK, "maxLength": TITLE_MAX},
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX},
+                "model": MODEL,
                 "system_prompt": {"type": "string", "maxLength": SYSTEM_PROMPT_MAX}}},
         },
     },
@@ -230,7 +233,7 @@ SPEC = {
         "/conversations/{conversation_id}/regenerate": {"parameters": [CONVERSATION_ID], "post": {
             "operationId": "regenerateAnswer", "summary": "Answer the last prompt again, replacing the previous answer",
             "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
+                "model": MODEL,
                 "stream": {"type": "boolean", "default": False}, "options": _ref("Options")}}}}},
             "responses": {"200": {**_json(_ref("TurnResult")), "content": {
                 "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
