@@ -349,3 +349,21 @@ def test_sqlite_writers_wait_for_the_lock_without_freezing_the_event_loop(tmp_pa
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["errors"] == [] and result["n"] == 11, result
     assert result["max_gap"] < 0.3, result  # the loop kept turning while the writer waited
+
+
+def test_waiting_on_the_model_holds_no_database_connection(servers, ollama):
+    """DESIGN rule 2: with a pool of 2 connections, 20 answers waiting on a slow model all finish and no
+    request is refused: neither the requests nor the generations hold a connection while they wait."""
+    server = servers(WEB_CONCURRENCY=1, DB_POOL_SIZE=2, DB_POOL_TIMEOUT=2, STREAM_FLUSH_SECONDS=0.25)
+    reply = " ".join(f"s{i}" for i in range(15))
+    ollama.script(reply=reply, delay=0.15)  # ~2.3 s per answer, all of them at once
+
+    def one(i):
+        time.sleep(i * 0.05)  # turns start one after another; the waiting overlaps
+        return stream_turn(server, f"slow {i}", timeout=25)
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert [name for _, name, _ in results] == ["done"] * 20, [d for _, n, d in results if n != "done"][:3]
+    assert all(text == reply for text, _, _ in results)
+    assert " 503 " not in server.log_text()

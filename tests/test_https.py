@@ -30,7 +30,7 @@ def test_cookies_are_secure_over_https_and_not_over_http(app, user):
 
 
 def test_forwarded_https_counts_only_from_a_trusted_proxy(make_app):
-    behind_proxy = make_app(TRUSTED_PROXIES=1)
+    behind_proxy = make_app(TRUSTED_PROXIES=1, TRUSTED_PROXY_NETWORKS="127.0.0.1/32")
     make_user(behind_proxy)
     forwarded = {"X-Forwarded-Proto": "https", "Referer": "https://localhost/login"}
     for cookie in _cookies_after_page_sign_in(behind_proxy.test_client(), **forwarded):

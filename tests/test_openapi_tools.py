@@ -108,6 +108,7 @@ class Checker:
 def test_openapi_core_finds_every_operations_real_answers_valid(make_app, ollama):
     app = make_app(LOGIN_LIMIT_PER_USER="3 per minute")
     make_user(app)
+    make_user(app, "bob")
     client = app.test_client()
     spec = client.get("/openapi.json").get_json()
     check = Checker(spec)
@@ -162,8 +163,19 @@ def test_openapi_core_finds_every_operations_real_answers_valid(make_app, ollama
     delete = ("/conversations/{conversation_id}", "delete")
     check(delete, client.delete(f"/conversations/{other['id']}", headers=auth), 204)
     check(delete, client.delete(f"/conversations/{other['id']}", headers=auth), 404)
+    keys = ("/auth/keys", "post")
+    made = check(keys, client.post("/auth/keys", json={"name": "k", "expires_in_days": 7}, headers=auth), 201)
+    check(keys, client.post("/auth/keys", json={"name": ""}, headers=auth), 422)
+    check(("/auth/keys", "get"), client.get("/auth/keys", headers=auth), 200)
+    revoke_key = ("/auth/keys/{key_id}", "delete")
+    check(revoke_key, client.delete(f"/auth/keys/{made['id']}", headers=auth), 204)
+    check(revoke_key, client.delete(f"/auth/keys/{made['id']}", headers=auth), 404)
     check(("/auth/revoke", "post"), client.post("/auth/revoke", headers=auth), 204)
     check(("/auth/revoke", "post"), client.post("/auth/revoke", headers=auth), 401)
+    again = check(login, client.post("/auth/login", data={"username": "bob", "password": PASSWORD}), 200)
+    auth = {"Authorization": f"Bearer {again['access_token']}"}
+    check(("/auth/logout-all", "post"), client.post("/auth/logout-all", headers=auth), 204)
+    check(("/auth/logout-all", "post"), client.post("/auth/logout-all", headers=auth), 401)
 
     assert check.seen == operations(spec)  # every operation's answers were checked
 

@@ -94,7 +94,8 @@ def test_empty_limits_turn_throttling_off(make_app):
 
 def test_forwarded_addresses_count_apart_only_behind_a_trusted_proxy(make_app):
     # The per-address limit (the per-user one counts a username from any address, by design).
-    trusting = make_app(LOGIN_LIMIT_PER_ADDRESS="2 per minute", TRUSTED_PROXIES=1)
+    trusting = make_app(LOGIN_LIMIT_PER_ADDRESS="2 per minute", TRUSTED_PROXIES=1,
+                        TRUSTED_PROXY_NETWORKS="127.0.0.1/32")
     make_user(trusting)
     client = trusting.test_client()
     first = {"X-Forwarded-For": "203.0.113.5"}

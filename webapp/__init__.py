@@ -1,5 +1,6 @@
 """llm_api_assistant: a chat app in front of a local LLM server, with a browser UI and a JSON API."""
 import logging
+import secrets
 import sys
 
 from flask import Flask, make_response, request
@@ -7,7 +8,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from . import capacity, errors, https
+from . import capacity, devkey, errors, https
 from . import config as config_module
 from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
@@ -16,7 +17,8 @@ from .logs import init_request_ids, setup_logging
 
 # URLs that belong to the JSON API even when they match no route (404/405 at routing): kept here,
 # next to the blueprint registrations, so a new API route's prefix is added where it is mounted.
-API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/ready", "/openapi.json")
+API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/ready", "/openapi.json", "/v1")
+OPENAI_PREFIX = "/v1"  # the OpenAI-compatible door (webapp/api/v1.py): OpenAI's error shape, even unmatched
 
 
 class ConfigError(RuntimeError):
@@ -30,8 +32,8 @@ def create_app(overrides=None):
                 static_folder=str(config_module.ROOT / "static"))
     app.config.update(config_module.load_config())
     app.config.update(overrides or {})
-    _check_secret_key(app)
     setup_logging(app.config["LOG_LEVEL"])
+    _check_secret_key(app)
     _prepare_database(app)
 
     db.init_app(app)
@@ -49,6 +51,9 @@ def create_app(overrides=None):
     from .api import bp as api_bp
     csrf.exempt(api_bp)  # bearer tokens, not cookies: no CSRF exposure
     app.register_blueprint(api_bp)
+    from .api.v1 import bp as v1_bp
+    csrf.exempt(v1_bp)  # bearer tokens and API keys, not cookies
+    app.register_blueprint(v1_bp)
     from .web import init_web
     init_web(app)
     errors.init_app(app, API_PREFIXES)
@@ -64,9 +69,14 @@ def create_app(overrides=None):
 
 
 def _check_secret_key(app):
+    """Production refuses a missing or weak key. Without one, a debug server uses a random key made
+    for this server start (webapp/devkey.py), never a published one; tests a random one per app."""
     if app.config.get("DEBUG") or app.config.get("TESTING"):
         if not app.config.get("SECRET_KEY"):
-            app.config["SECRET_KEY"] = "insecure-development-key-" + "x" * 16
+            if app.config.get("DEBUG"):
+                app.config["SECRET_KEY"] = devkey.development_key(config_module.INSTANCE_DIR)
+            else:
+                app.config["SECRET_KEY"] = secrets.token_hex(32)
         return
     problem = config_module.secret_key_problem(app.config)
     if problem:
@@ -105,8 +115,15 @@ def _register_error_handlers(app):
             return api_errors.too_many_sign_ins(exc.retry_after)
         return throttled_page(exc.retry_after)
 
+    from .api import v1
+
+    def is_openai_path():
+        return request.path == OPENAI_PREFIX or request.path.startswith(OPENAI_PREFIX + "/")
+
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        if is_openai_path():
+            return v1.http_error_response(exc)
         if errors.is_api_request():
             return api_errors.http_error(exc)
         response = make_response(web_errors.http_error_page(exc))
@@ -119,4 +136,6 @@ def _register_error_handlers(app):
     def unexpected(exc):
         logging.getLogger("webapp").exception("unhandled error on %s %s", request.method, request.path)
         db.session.rollback()
+        if is_openai_path():
+            return v1.internal_error()
         return api_errors.internal_error() if errors.is_api_request() else web_errors.internal_error_page()

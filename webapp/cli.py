@@ -1,10 +1,10 @@
 """Operator commands: `flask create-user USERNAME [--admin]`, `flask set-password USERNAME`,
-`flask set-limits USERNAME --max-running N --per-minute M`."""
+`flask disable-user USERNAME [--enable]`, `flask set-limits USERNAME --max-running N --per-minute M`."""
 import sys
 
 import click
 
-from .auth.accounts import AccountError, check_password, create_user, find_user, set_password
+from .auth.accounts import AccountError, check_password, create_user, find_user, set_active, set_password
 
 
 def read_password():
@@ -43,6 +43,17 @@ def register_cli(app):
         except AccountError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"password changed for '{user.username}'")
+
+    @app.cli.command("disable-user")
+    @click.argument("username")
+    @click.option("--enable", is_flag=True, help="Enable the account again instead.")
+    def disable_user_command(username, enable):
+        """Disable an account: it cannot sign in, and its sessions, tokens and streams end now."""
+        user = find_user(username)
+        if user is None:
+            raise click.ClickException(f"no user named '{username.strip().lower()}'")
+        set_active(user, enable)
+        click.echo(f"{'enabled' if enable else 'disabled'} '{user.username}'")
 
     @app.cli.command("set-limits")
     @click.argument("username")

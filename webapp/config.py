@@ -117,6 +117,10 @@ def load_config():
         "LIMIT_STORE_CONNECTIONS": _int("LIMIT_STORE_CONNECTIONS", 2),
         "LIMIT_STORE_TIMEOUT": _float("LIMIT_STORE_TIMEOUT", 5.0),
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
+        # ...believed only from peers in these networks (comma-separated CIDRs; empty: nobody).
+        "TRUSTED_PROXY_NETWORKS": os.environ.get("TRUSTED_PROXY_NETWORKS", "").strip(),
+        # Strict-Transport-Security max-age on HTTPS responses (0: no HSTS header).
+        "HSTS_SECONDS": _int("HSTS_SECONDS", 365 * 24 * 3600),
         # If the limit store fails (a database hiccup, a missed migration), sign-in goes on unthrottled
         # and a warning is logged (auth/throttle.py): locking everyone out would be worse than a gap.
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO").upper(),

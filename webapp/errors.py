@@ -41,6 +41,10 @@ class ServiceError(Exception):
         self.status, self.code, self.message, self.field = status, code, message, field
         self.retry_after = retry_after  # seconds, for a 429: sent as Retry-After
 
+    @property
+    def headers(self):
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+
 
 def not_found(what, field=None):
     """Someone else's id answers exactly like a missing one."""

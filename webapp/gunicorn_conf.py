@@ -13,6 +13,11 @@ at import and waits cooperatively (psycopg >= 3.1.14), and requests/urllib3 use 
 Keep `preload_app` off for the same reason.
 """
 import os
+import time
+
+# One tag per server start, inherited by every worker: a debug server without SECRET_KEY shares one
+# random key among its workers and makes a new one on the next start (webapp/devkey.py).
+os.environ["WEBAPP_SERVER_START"] = f"{os.getpid()}-{time.time_ns()}"
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -26,6 +31,10 @@ graceful_timeout = 30
 keepalive = 5           # also bounds how long a request's headers may take to arrive (slow clients)
 accesslog = None        # the app writes its own access line, with the request id and user
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn itself would take X-Forwarded-Proto: https from any peer in forwarded_allow_ips (loopback by
+# default) and mark the request HTTPS. The app decides that alone (webapp/https.py: TRUSTED_PROXIES
+# from TRUSTED_PROXY_NETWORKS), so gunicorn believes no scheme header from anyone.
+secure_scheme_headers = {}
 
 
 def _app(worker):

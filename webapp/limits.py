@@ -8,6 +8,8 @@ MODEL_NAME_MAX = 200      # characters in a model name
 SYSTEM_PROMPT_MAX = 8000  # characters in a conversation's system prompt
 TITLE_FROM_PROMPT = 60    # a new conversation's title: the first prompt cut to about this many
 SEARCH_QUERY_MAX = 200    # characters of a sidebar search that are used
+API_KEY_NAME_MAX = 100   # characters in an API key's name
+API_KEY_DAYS_MAX = 3650  # an API key expires after at most this many days (or never)
 MAX_ID = 2**31 - 1        # ids are 32-bit INTEGER columns: bigger numbers cannot exist
 
 # Page sizes: (default, largest a client may ask for).

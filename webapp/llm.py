@@ -363,7 +363,8 @@ def _keep_alive(value):
 
 # Ollama option names -> chat-completions fields.
 OPENAI_OPTION_NAMES = {"temperature": "temperature", "num_predict": "max_tokens", "seed": "seed",
-                       "stop": "stop", "top_p": "top_p"}
+                       "stop": "stop", "top_p": "top_p", "frequency_penalty": "frequency_penalty",
+                       "presence_penalty": "presence_penalty"}
 
 
 class OpenAIClient(_HTTPBackend):

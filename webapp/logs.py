@@ -1,5 +1,9 @@
 """Request ids and logging: every log line of a request carries its id, and each request gets one
-access line (method, path, status, duration, user)."""
+access line (method, path, status, duration, user).
+
+A log record is one line: control characters (CR, LF, TAB, ESC, …) and Unicode line separators in
+its message and arguments are written as escapes (`\\x0a`, `\\u2028`), so a URL path, a model name
+or a username cannot forge a log line or colour a terminal. Tracebacks keep their lines."""
 import contextvars
 import logging
 import re
@@ -13,9 +17,27 @@ access_log = logging.getLogger("webapp.access")
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+# C0, DEL and C1 controls, and Unicode's line and paragraph separators.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text):
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                       else f"\\u{ord(m.group()):04x}", text)
+
+
 class RequestIdFilter(logging.Filter):
+    """Adds the request id, and makes the record's message one line (escaped controls): the one place
+    every record of the app's loggers passes, whoever wrote it."""
+
     def filter(self, record):
         record.request_id = request_id_var.get()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: leave it to the formatter's own error report
+            return True
+        if CONTROL.search(message):
+            record.msg, record.args = escape_controls(message), None
         return True
 
 

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .auth import hashing
 from .extensions import db
-from .limits import MODEL_NAME_MAX, TITLE_MAX
+from .limits import API_KEY_NAME_MAX, MODEL_NAME_MAX, TITLE_MAX
 
 
 def utcnow():
@@ -70,6 +70,10 @@ ACTIVE_WHERE = "status IN ('queued', 'pending', 'streaming')"
 FINAL_STATUSES = (COMPLETE, ERROR, CANCELLED, INTERRUPTED)
 
 
+# Where a conversation was made: the app's own doors, or the OpenAI-compatible /v1.
+SOURCE_WEB, SOURCE_API = "web", "api"
+
+
 class User(UserMixin, db.Model):
     __tablename__ = "users"
 
@@ -121,6 +125,8 @@ class Conversation(db.Model):
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     # The assistant message being generated right now, if any: one turn at a time per conversation.
     active_message_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Which door made it: "web" (pages and the app's own API) or "api" (the OpenAI-compatible /v1).
+    source: Mapped[str] = mapped_column(String(8), default=SOURCE_WEB, server_default=SOURCE_WEB)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -133,6 +139,7 @@ class Conversation(db.Model):
             "system_prompt": self.system_prompt,
             "message_count": self.message_count,
             "generating": self.active_message_id is not None,
+            "source": self.source,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -253,3 +260,32 @@ class SetupClaim(db.Model):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(db.Model):
+    """A personal API key: `llmk_<random>`, shown once. The row keeps its SHA-256 (never the key) and
+    the first characters (`prefix`) so the owner can tell keys apart. Used as a bearer credential on
+    the API (never as a browser session); refused once revoked, expired or its owner disabled."""
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_user_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(SafeString(API_KEY_NAME_MAX))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # at most once a minute
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    def to_dict(self):
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "created_at": self.created_at.isoformat(),
+            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }

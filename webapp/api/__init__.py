@@ -4,4 +4,4 @@ from flask import Blueprint
 
 bp = Blueprint("api", __name__)
 
-from . import auth, conversations, errors, openapi, status, turns  # noqa: E402,F401  (routes register on import)
+from . import auth, conversations, errors, keys, openapi, status, turns  # noqa: E402,F401  (routes register on import)

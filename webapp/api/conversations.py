@@ -25,7 +25,8 @@ def int_arg(name, default, low, high):
 def list_conversations():
     default, most = CONVERSATION_PAGE
     page, next_cursor = service.list_conversations(g.api_user, limit=int_arg("limit", default, 1, most),
-                                                cursor=request.args.get("cursor"), query=request.args.get("q"))
+                                                cursor=request.args.get("cursor"), query=request.args.get("q"),
+                                                source=request.args.get("source"))
     return jsonify({"conversations": [c.to_dict() for c in page], "next_cursor": next_cursor})
 
 

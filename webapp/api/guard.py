@@ -1,9 +1,10 @@
 """Bearer-token guard and body parsing for API views."""
+import re
 from functools import wraps
 
 from flask import g, request
 
-from ..auth import tokens
+from ..auth import api_keys, tokens
 from ..errors import ServiceError
 from .errors import error_response
 
@@ -16,12 +17,23 @@ def token_required(view):
         if scheme.lower() != "bearer" or not token.strip():
             return _unauthorized("missing bearer token", None)
         try:
-            g.api_user = tokens.verify(token.strip())
-            g.user_name = g.api_user.username
-        except tokens.TokenError as exc:
+            bearer_user(token.strip())
+        except (tokens.TokenError, api_keys.InvalidKey) as exc:
             return _unauthorized(str(exc))
         return view(*args, **kwargs)
     return wrapped
+
+
+def bearer_user(token):
+    """Sets g.api_user from a bearer credential: a personal API key (told by its `llmk_` prefix) or a
+    JWT. Raises TokenError / InvalidKey. (/v1 calls this too, and answers refusals in OpenAI's shape.)"""
+    is_key = api_keys.looks_like_key(token)
+    g.api_user = api_keys.verify(token) if is_key else tokens.verify(token)
+    g.user_name = g.api_user.username
+    # What an open stream re-checks (webapp/stream_auth.py), read now while the row is fresh. A key
+    # outlives sign-out everywhere (DESIGN), so its streams end only with the account.
+    g.auth_user_id, g.auth_token_version = g.api_user.id, (None if is_key else g.api_user.token_version)
+    return g.api_user
 
 
 def _unauthorized(message, error="invalid_token"):
@@ -30,15 +42,48 @@ def _unauthorized(message, error="invalid_token"):
     return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
 
 
+# A UTF-16 surrogate that is not half of a pair: JSON's "\ud800" decodes to one, and no UTF-8 text
+# (PostgreSQL's, a file's, a page's) can hold it. Raw UTF-8 bytes cannot carry one, only \u escapes.
+SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
 def json_body(optional=False):
-    """The request's JSON object ({} for an empty optional body), or a ServiceError saying what is wrong."""
+    """The request's JSON object ({} for an empty optional body), or a ServiceError saying what is wrong:
+    400 for what is not JSON (nested too deep included), 422 for a string no UTF-8 text can hold."""
     if optional and not request.content_length:
         return {}
     if not request.is_json:
         raise ServiceError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # e.g. 100,000 '[': Python's parser gives up past ~1,000 levels
+        raise ServiceError(400, "malformed_json", "the request body is nested too deeply") from None
     if data is None:
         raise ServiceError(400, "malformed_json", "the request body is not valid JSON")
     if not isinstance(data, dict):
         raise ServiceError(422, "invalid_body", "the JSON body must be an object")
+    if SURROGATE_ESCAPE.search(request.get_data(cache=True)):
+        field = _lone_surrogate(data)
+        if field is not None:
+            raise ServiceError(422, "invalid_field", f"{field} holds a lone UTF-16 surrogate (not text)", field)
     return data
+
+
+def _lone_surrogate(data):
+    """The path ('prompt', 'options.x', 'messages[0]') of the first string holding a lone surrogate."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and SURROGATE.search(value):
+            return path or "body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = SURROGATE.sub("\ufffd", key)
+                name = f"{path}.{name}" if path else name
+                if SURROGATE.search(key):
+                    return name
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return None

@@ -9,7 +9,17 @@ import copy
 
 from flask import jsonify, request
 
-from ..limits import CONVERSATION_PAGE, MAX_ID, MESSAGE_PAGE, MODEL_NAME_MAX, OPTION_RULES, SYSTEM_PROMPT_MAX, TITLE_MAX
+from ..limits import (
+    API_KEY_DAYS_MAX,
+    API_KEY_NAME_MAX,
+    CONVERSATION_PAGE,
+    MAX_ID,
+    MESSAGE_PAGE,
+    MODEL_NAME_MAX,
+    OPTION_RULES,
+    SYSTEM_PROMPT_MAX,
+    TITLE_MAX,
+)
 from ..service import option_rules
 from . import bp
 
@@ -31,7 +41,7 @@ def _json(schema, description="OK"):
 ERRORS = {status: _json(_ref("Error"), text) for status, text in {
     "400": "Malformed JSON or query parameter", "401": "Missing, expired or forged token",
     "404": "Not found (or not yours)",
-    "409": "An answer is already being generated",
+    "409": "An answer is already being generated (or: too many API keys)",
     "415": "The body is not `Content-Type: application/json`",
     "429": "Too many answers: `too_many_answers` (unfinished at once, or started this minute); wait "
            "`Retry-After` seconds",
@@ -47,19 +57,23 @@ SSE_GRAMMAR = """Server-Sent Events (WHATWG HTML §9.2), UTF-8. Each event is on
 `data:` line of JSON and a blank line; lines starting with `:` are heartbeats to ignore:
 
 ```
-stream  = start *( queued / ping ) *( token / ping ) ( done / error )
+stream  = start *( queued / ping ) *( token / ping ) ( done / error / signed_out )
 start   = "event: start" LF "data: " StreamStart LF LF
 queued  = "event: queued" LF "data: " StreamQueued LF LF ; waiting for the model: place in line (1 = next)
 token   = "event: token" LF "data: " StreamToken LF LF   ; the next piece of the answer
 ping    = ": ping" LF LF
 done    = "event: done"  LF "data: " TurnResult LF LF    ; status complete or cancelled
 error   = "event: error" LF "data: " TurnResult LF LF    ; the answer failed; `error` says why
+signed_out = "event: signed_out" LF "data: " StreamSignedOut LF LF  ; the token or account ended
 ```
+
+A stream ends with `signed_out` within 5 s of its token ending (sign out everywhere, revoke, password
+change) or its account being disabled; the answer itself goes on being generated and saved.
 
 Each event's data schema is under `components/schemas`, and `x-sse-event` is the JSON Schema of one
 parsed event (`event`, `data`, and `id`/`retry` when sent), for tools that check events one by one."""
 SSE_EVENTS = {"start": "StreamStart", "queued": "StreamQueued", "token": "StreamToken", "done": "TurnResult",
-              "error": "TurnResult"}
+              "error": "TurnResult", "signed_out": "StreamSignedOut"}
 SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
     "event": {"const": name}, "id": {"type": "string"}, "retry": {"type": "integer"},
     "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(schema)}}}
@@ -84,7 +98,10 @@ SPEC = {
              "description": "Chat with a local LLM. Log in with the OAuth2 password form at `/auth/login` "
                             "(RFC 6749 §4.3), then send `Authorization: Bearer <token>`. Every response "
                             "carries `X-Request-ID`. Errors are `{\"error\": {code, message, request_id}}`, "
-                            "except the token endpoint's, which follow RFC 6749 §5.2."},
+                            "except the token endpoint's, which follow RFC 6749 §5.2. Personal API keys "
+                            "(`llmk_...`, made at `/auth/keys`) work as bearer tokens too. `/v1` is "
+                            "OpenAI's chat API (models, chat completions) for OpenAI clients: it follows "
+                            "OpenAI's own description and is not repeated here."},
     "servers": [{"url": "/", "description": "this server"}],
     "components": {
         "securitySchemes": {
@@ -115,6 +132,9 @@ SPEC = {
                              "properties": {"position": {"type": "integer", "minimum": 1,
                                                          "description": "place in line: 1 = next to run"}}},
             "StreamToken": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+            "StreamSignedOut": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string", "enum": ["signed_out", "account_disabled"]},
+                "message": {"type": "string"}}},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"},
                 "field": {"type": "string"}, "retry_after": {"type": "integer"}},
@@ -147,8 +167,22 @@ SPEC = {
             "Conversation": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "model": {"type": "string"},
                 "system_prompt": {"type": "string"}, "message_count": {"type": "integer"},
-                "generating": {"type": "boolean"}, "created_at": {"type": "string", "format": "date-time"},
+                "generating": {"type": "boolean"},
+                "source": {"type": "string", "enum": ["web", "api"],
+                           "description": "`api`: made through the OpenAI-compatible `/v1`"},
+                "created_at": {"type": "string", "format": "date-time"},
                 "updated_at": {"type": "string", "format": "date-time"}}},
+            "ApiKey": {"type": "object", "required": ["id", "name", "prefix", "created_at"], "properties": {
+                "id": {"type": "integer"}, "name": {"type": "string"},
+                "prefix": {"type": "string", "description": "the key's first characters, to tell keys apart"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "last_used_at": {"type": ["string", "null"], "format": "date-time",
+                                 "description": "updated at most once a minute"},
+                "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                "revoked_at": {"type": ["string", "null"], "format": "date-time"}}},
+            "NewApiKey": {"allOf": [_ref("ApiKey"), {"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string", "pattern": "^llmk_",
+                        "description": "the key itself: shown this once, never stored"}}}]},
             "ConversationChange": {"type": "object", "properties": {
                 "title": {"type": "string", "pattern": NOT_BLANK, "maxLength": TITLE_MAX},
                 "model": MODEL,
@@ -186,6 +220,27 @@ SPEC = {
             "operationId": "revokeTokens",
             "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
             "responses": {"204": {"description": "Revoked; sign in again for a new token"}, **_errors("401")}}},
+        "/auth/keys": {
+            "get": {"operationId": "listApiKeys", "summary": "Your personal API keys (not revoked), newest first",
+                    "responses": {"200": _json({"type": "object", "required": ["keys"], "properties": {
+                        "keys": {"type": "array", "items": _ref("ApiKey")}}}), **_errors("401")}},
+            "post": {"operationId": "createApiKey",
+                     "summary": "Make a personal API key (`llmk_...`); the key is in this answer only",
+                     "description": "Use it as `Authorization: Bearer llmk_...` on every API route and on "
+                                    "`/v1`. It survives a password change and signing out everywhere; it ends "
+                                    "when revoked, when it expires, or when the account is disabled.",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["name"], "properties": {
+                             "name": {"type": "string", "pattern": NOT_BLANK, "maxLength": API_KEY_NAME_MAX},
+                             "expires_in_days": {"type": ["integer", "null"], "minimum": 1,
+                                                 "maximum": API_KEY_DAYS_MAX,
+                                                 "description": "null or absent: never expires"}}}}}},
+                     "responses": {"201": _json(_ref("NewApiKey"), "Made"),
+                                   **_errors("400", "401", "409", "415", "422")}}},
+        "/auth/keys/{key_id}": {
+            "parameters": [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "delete": {"operationId": "revokeApiKey", "summary": "Revoke one of your API keys, at once everywhere",
+                       "responses": {"204": {"description": "Revoked"}, **_errors("401", "404")}}},
         "/chat/": {"post": {
             "operationId": "chatTurn", "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
@@ -198,7 +253,9 @@ SPEC = {
                                                              "maximum": CONVERSATION_PAGE[1]}},
                 {"name": "cursor", "in": "query", "schema": {"type": "string"},
                  "description": "opaque: the `next_cursor` of the previous page (anything else is a 400)"},
-                {"name": "q", "in": "query", "schema": {"type": "string"}}],
+                {"name": "q", "in": "query", "schema": {"type": "string"}},
+                {"name": "source", "in": "query", "schema": {"type": "string", "enum": ["web", "api"]},
+                 "description": "only conversations made through that door (`api`: the OpenAI-compatible `/v1`)"}],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "conversations": {"type": "array", "items": _ref("Conversation")},
                     "next_cursor": {"type": ["string", "null"]}}}), **_errors("400", "401")}},

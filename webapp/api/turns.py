@@ -1,7 +1,7 @@
 """POST /chat/: one turn, answered whole as JSON or streamed as Server-Sent Events."""
 from flask import g, jsonify
 
-from .. import service, sse
+from .. import service, sse, stream_auth
 from ..errors import ANSWER_ERROR_STATUS, invalid
 from . import bp
 from .errors import error_response
@@ -93,7 +93,11 @@ def stream_turn(ids, prompt=None):
     data is JSON. Used for new turns, regenerations and re-attaching alike; following replays from
     the first token."""
     yield sse.event("start", ids)
+    watch = stream_auth.watch()
     for kind, value in service.follow(ids["message_id"]):
+        if not watch.still_allowed():  # signed out, token revoked or account disabled meanwhile
+            yield watch.ended()
+            return
         if kind == "queued":
             yield sse.event("queued", {"position": value})
         elif kind == "token":

@@ -108,3 +108,15 @@ def revoke_all(user):
     user.token_version += 1
     sessions.revoke_all(user.id)
     db.session.commit()
+
+
+def set_active(user, active):
+    """Disable (or enable again) an account. Disabling ends every session, bearer token and open
+    stream of it at once (streams within a few seconds: webapp/stream_auth.py); API keys die with it
+    because every credential checks is_active."""
+    user.is_active = bool(active)
+    if not active:
+        user.token_version += 1
+        sessions.revoke_all(user.id)
+    db.session.commit()
+    return user

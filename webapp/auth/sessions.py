@@ -73,6 +73,7 @@ def load(session_id):
     user.session_token = token
     g.user_name = user.username  # for the access log line
     g.user_session_id = record.id
+    g.auth_user_id = user.id  # with user_session_id: what an open stream re-checks (stream_auth.py)
     g.user_session_expires = record.expires_at
     if now - record.last_seen_at >= TOUCH_EVERY:
         ip, agent = _client()

@@ -4,7 +4,10 @@ from urllib.parse import urlsplit
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, logout_user
 
-from . import sessions, setup, throttle
+from ..errors import ServiceError
+from ..limits import API_KEY_NAME_MAX
+from ..models import utcnow
+from . import api_keys, sessions, setup, throttle
 from .accounts import (
     AccountError,
     authenticate,
@@ -137,10 +140,35 @@ def register():
     return _register_page(error), (422 if error else 200)
 
 
-def _settings_page(error=None, done=False):
+def _settings_page(error=None, done=False, key_error=None, new_key=None):
     user = current_user._get_current_object()
     return render_template("settings.html", error=error, done=done, sessions=sessions.active(user.id),
-                           current_session=sessions.current_id(), device_name=sessions.device_name)
+                           current_session=sessions.current_id(), device_name=sessions.device_name,
+                           keys=api_keys.listed(user.id), key_error=key_error, new_key=new_key,
+                           now=utcnow(), key_name_max=API_KEY_NAME_MAX)
+
+
+@bp.post("/settings/keys")
+@login_required
+def create_key():
+    """Make a personal API key: the page shows it this once (never stored, never shown again)."""
+    try:
+        row, key = api_keys.create(current_user._get_current_object(), request.form.get("name", ""),
+                                   request.form.get("expires_in_days") or None)
+    except ServiceError as exc:
+        return _settings_page(key_error=exc.message.capitalize() + "."), 422
+    return _settings_page(new_key={"name": row.name, "key": key}), 200, {"Cache-Control": "no-store"}
+
+
+@bp.post("/settings/keys/<int:key_id>/revoke")
+@login_required
+def revoke_key(key_id):
+    try:
+        api_keys.revoke(current_user.id, key_id)
+    except ServiceError:
+        abort(404)
+    flash("That API key is revoked.")
+    return redirect(url_for("auth.settings"))
 
 
 @bp.route("/settings", methods=["GET", "POST"])

@@ -11,8 +11,10 @@ from ..errors import ServiceError, not_found
 from ..extensions import db
 from ..generation import generations
 from ..limits import MAX_ID
-from ..models import FINAL_STATUSES, Conversation, Message, utcnow
+from ..models import FINAL_STATUSES, SOURCE_API, SOURCE_WEB, Conversation, Message, utcnow
 from .validation import as_id, check_model, clean_system_prompt, clean_title
+
+SOURCES = (SOURCE_WEB, SOURCE_API)  # the doors a conversation can come from
 
 
 def get_conversation(user, conversation_id):
@@ -83,22 +85,29 @@ def decode_cursor(cursor):
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, conversation_id = raw.split("|")
-        return datetime.fromisoformat(stamp), min(int(conversation_id), MAX_ID)
+        # Clamped to the ids a 32-bit column can hold: PostgreSQL refuses a bigger (or far negative)
+        # number in the comparison with a 500-worthy error, and no row lies beyond either end.
+        return datetime.fromisoformat(stamp), max(0, min(int(conversation_id), MAX_ID))
     except (ValueError, UnicodeDecodeError):
         raise ServiceError(400, "invalid_field", "cursor is not valid", "cursor") from None
 
 
-def list_conversations(user, limit=20, cursor=None, query=None):
-    """Newest first, keyset-paginated on (updated_at, id) so page 500 costs what page 1 does."""
-    rows = db.session.scalars(conversations_query(user.id, cursor, query).limit(limit + 1)).all()
+def list_conversations(user, limit=20, cursor=None, query=None, source=None):
+    """Newest first, keyset-paginated on (updated_at, id) so page 500 costs what page 1 does.
+    `source`: only those made through that door ("web", or "api" for /v1)."""
+    rows = db.session.scalars(conversations_query(user.id, cursor, query, source).limit(limit + 1)).all()
     page = rows[:limit]
     for conversation in page:
         free_if_orphaned(conversation)
     return page, (encode_cursor(page[-1]) if len(rows) > limit else None)
 
 
-def conversations_query(user_id, cursor=None, query=None):
+def conversations_query(user_id, cursor=None, query=None, source=None):
     stmt = select(Conversation).where(Conversation.user_id == user_id)
+    if source is not None:
+        if source not in SOURCES:
+            raise ServiceError(400, "invalid_field", f"source must be one of {', '.join(SOURCES)}", "source")
+        stmt = stmt.where(Conversation.source == source)
     if cursor:
         stamp, last_id = decode_cursor(cursor)
         stmt = stmt.where(or_(Conversation.updated_at < stamp,

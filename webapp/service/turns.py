@@ -11,7 +11,8 @@ from .. import answers
 from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
-from ..models import COMPLETE, FINAL_STATUSES, QUEUED, Conversation, Message
+from ..limits import SYSTEM_PROMPT_MAX
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, utcnow
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import take_turn
 from .validation import check_model, check_options, clean_prompt, title_from
@@ -91,8 +92,64 @@ def regenerate(user, conversation_id, model=None, request_id=None, options=None)
     return _launch(conversation, None, answer, options, None)
 
 
-def _launch(conversation, prompt_message, answer, options, history):
-    messages = build_context(conversation, answer.id, history, prompt_message)
+def start_exchange(user, messages, conversation_id=None, model=None, request_id=None, options=None):
+    """A turn whose context is given whole by the caller (the OpenAI-compatible /v1): the model
+    receives exactly `messages` ([{"role", "content"}], checked by the door; the last one is the
+    user's). The exchange is saved in a conversation marked as made through the API: a new one, or
+    `conversation_id`'s when its stored path (system prompt, then its messages, failed answers left
+    out) is the start of `messages` — then only the messages past it are stored. When the stored path
+    does not match (the client edited its history), a new conversation is made: nothing is lost and
+    nothing is overwritten. Returns the Turn at once, as start_turn does."""
+    model = check_model(model)
+    options = check_options(options)
+    prompt = clean_prompt(messages[-1]["content"])
+    conversation, stored = None, 0
+    if conversation_id is not None:
+        conversation = get_conversation(user, conversation_id)
+        stored = _stored_prefix(conversation, messages)
+        if stored is None:
+            conversation, stored = None, 0
+    if conversation is None:
+        system = messages[0]["content"] if messages[0]["role"] == "system" and len(messages) > 1 else ""
+        if len(system) > SYSTEM_PROMPT_MAX:
+            system = ""  # too long for the conversation's system prompt: stored as a message instead
+        conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
+                                           commit=False)
+        conversation.source = SOURCE_API
+        db.session.flush()
+        stored = 1 if system else 0
+    now = utcnow()
+    earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
+                       request_id=request_id, created_at=now) for m in messages[stored:-1]]
+    if earlier:
+        db.session.add_all(earlier)
+        conversation.message_count += len(earlier)  # open_answer's claim counts on from here
+        db.session.flush()
+    prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
+                                                 is_live=generations.is_live, queued=_queue_on(),
+                                                 guard=lambda: take_turn(user))
+    return _launch(conversation, prompt_message, answer, options, None, context=list(messages))
+
+
+def _stored_prefix(conversation, messages):
+    """How many of `messages` the conversation already holds, in order (its system prompt counts as
+    the first when it has one), or None when its path is not the start of `messages`. Reads at most
+    len(messages) rows: the cost follows the request, not the conversation's length."""
+    path = [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
+    rows = db.session.execute(
+        select(Message.role, Message.content).where(
+            Message.conversation_id == conversation.id,
+            or_(Message.role != "assistant", Message.status == COMPLETE))
+        .order_by(Message.id).limit(len(messages))).all()
+    path += [{"role": role, "content": content} for role, content in rows]
+    if len(path) >= len(messages) or path != [{"role": m["role"], "content": m["content"]}
+                                              for m in messages[:len(path)]]:
+        return None
+    return len(path)
+
+
+def _launch(conversation, prompt_message, answer, options, history, context=None):
+    messages = context if context is not None else build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
               options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
     rows = [row for row in (conversation, prompt_message, answer) if row is not None]
@@ -215,3 +272,9 @@ def stop(user, conversation_id):
         raise ServiceError(409, "not_generating", "nothing is being generated in this conversation")
     request_stop(message_id)
     return message_id
+
+
+def cancel(message_id):
+    """Stop an answer the caller itself started (the /v1 door, when its client goes away): saved as
+    cancelled with its partial text, from any worker. No lookup: the id came from the caller's Turn."""
+    request_stop(message_id)

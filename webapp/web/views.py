@@ -9,7 +9,7 @@ from flask import current_app, g, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError
 
-from .. import limits, service, sse
+from .. import limits, service, sse, stream_auth
 from ..downloads import markdown_file
 from ..errors import LLMError, ServiceError
 from ..extensions import llm_service
@@ -222,7 +222,11 @@ def answer_frames(message_id, conversation_id):
     text, rendered, last_render = "", "", 0.0
     # The sidebar entry says "answering…" now and loses it at the end, without a reload.
     yield sse.event("item", {"html": sidebar_item(conversation_id)})
+    watch = stream_auth.watch()
     for kind, value in service.follow(message_id):
+        if not watch.still_allowed():  # this browser's session ended, or the account was disabled
+            yield watch.ended()
+            return
         if kind == "queued":  # waiting for the model: app.js shows "N ahead of you"
             yield sse.event("queued", {"position": value})
         if kind == "token":

@@ -1,0 +1,278 @@
+"""/v1, OpenAI's API, through the test client: every chat.completions request field is mapped,
+ignored or refused (one test per row of the README's table), OpenAI's error shape and statuses, and
+how calls are stored (a conversation marked "api"; only the messages not stored already)."""
+import json
+
+import pytest
+
+from helpers import both_databases
+
+pytestmark = both_databases
+
+URL = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def key(client, auth):
+    return {"Authorization": "Bearer " + client.post("/auth/keys", json={"name": "t"}, headers=auth).get_json()["key"]}
+
+
+def ask(client, key, **body):
+    return client.post(URL, json={"model": "tinyllama", "messages": HELLO, **body}, headers=key)
+
+
+def conversations(app):
+    with app.app_context():
+        from sqlalchemy import select
+
+        from webapp.extensions import db
+        from webapp.models import Conversation, Message
+        result = []
+        for conversation in db.session.scalars(select(Conversation).order_by(Conversation.id)):
+            rows = db.session.scalars(select(Message).where(Message.conversation_id == conversation.id)
+                                      .order_by(Message.id)).all()
+            result.append((conversation.source, conversation.system_prompt,
+                           [(m.role, m.content, m.status) for m in rows]))
+        return result
+
+
+# ---- the README's field table: one test per row --------------------------------------------------
+
+MAPPED = [  # field, value, what the model server receives (in Ollama's options)
+    ("temperature", 0.3, {"temperature": 0.3}),
+    ("top_p", 0.5, {"top_p": 0.5}),
+    ("seed", 42, {"seed": 42}),
+    ("max_tokens", 7, {"num_predict": 7}),
+    ("max_completion_tokens", 9, {"num_predict": 9}),
+    ("stop", ["\n\n", "END"], {"stop": ["\n\n", "END"]}),
+    ("frequency_penalty", 0.5, {"frequency_penalty": 0.5}),
+    ("presence_penalty", -0.5, {"presence_penalty": -0.5}),
+]
+
+
+@pytest.mark.parametrize("field,value,option", MAPPED, ids=[row[0] for row in MAPPED])
+def test_mapped_field_reaches_the_model_as_an_ollama_option(client, key, ollama, field, value, option):
+    response = ask(client, key, **{field: value})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert ollama.chat_requests[-1]["options"].items() >= option.items()
+
+
+def test_mapped_stop_as_one_string(client, key, ollama):
+    assert ask(client, key, stop="END").status_code == 200
+    assert ollama.chat_requests[-1]["options"]["stop"] == ["END"]
+
+
+def test_mapped_model_messages_and_n_1(client, key, ollama):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "text", "text": "you?"}]}]
+    response = ask(client, key, messages=messages, n=1, model="llama3.2")
+    assert response.status_code == 200
+    sent = ollama.chat_requests[-1]
+    assert sent["model"] == "llama3.2"
+    assert sent["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and you?"}]
+    body = response.get_json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == \
+        "Hello from the fake model."
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 0
+
+
+def test_mapped_developer_role_is_a_system_message(client, key, ollama):
+    ask(client, key, messages=[{"role": "developer", "content": "rules"}, *HELLO])
+    assert ollama.chat_requests[-1]["messages"][0] == {"role": "system", "content": "rules"}
+
+
+def test_mapped_max_tokens_ends_with_finish_reason_length(client, key):
+    body = ask(client, key, max_tokens=2).get_json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 2
+
+
+def test_mapped_stream_and_stream_options_include_usage(client, key):
+    text = ask(client, key, stream=True, stream_options={"include_usage": True}).get_data(as_text=True)
+    frames = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(frame) for frame in frames[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+        "Hello from the fake model."
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    plain = ask(client, key, stream=True).get_data(as_text=True)
+    assert '"usage"' not in plain and plain.endswith("data: [DONE]\n\n")
+
+
+def test_mapped_metadata_conversation_id_continues_that_conversation(app, client, key):
+    first = ask(client, key)
+    cid = first.headers["X-Conversation-Id"]
+    messages = [*HELLO, {"role": "assistant", "content": "Hello from the fake model."},
+                {"role": "user", "content": "more"}]
+    again = ask(client, key, messages=messages, metadata={"conversation_id": cid, "other": "ignored"})
+    assert again.headers["X-Conversation-Id"] == cid
+    assert [len(c[2]) for c in conversations(app)] == [4]
+
+
+IGNORED = [("user", "user-1234"), ("safety_identifier", "abc"), ("prompt_cache_key", "k"), ("store", True),
+           ("service_tier", "auto"), ("reasoning_effort", "low"), ("verbosity", "low")]
+
+
+@pytest.mark.parametrize("field,value", IGNORED, ids=[row[0] for row in IGNORED])
+def test_ignored_field_is_accepted_and_not_sent(client, key, ollama, field, value):
+    response = ask(client, key, **{field: value})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    sent = ollama.chat_requests[-1]
+    assert field not in sent and field not in (sent.get("options") or {})
+
+
+REFUSED = [("n", 2), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+           ("parallel_tool_calls", True), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+           ("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"50256": -100}),
+           ("response_format", {"type": "json_object"}), ("audio", {"voice": "alloy", "format": "wav"}),
+           ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}),
+           ("web_search_options", {}), ("no_such_field", 1)]
+
+
+@pytest.mark.parametrize("field,value", REFUSED, ids=[row[0] for row in REFUSED])
+def test_refused_field_is_a_400_naming_it(client, key, ollama, field, value):
+    response = ask(client, key, **{field: value})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == field and field in error["message"]
+    assert ollama.chat_requests == []
+
+
+def test_refused_fields_with_their_off_value_are_accepted(client, key):
+    assert ask(client, key, logprobs=False, tools=None, logit_bias={}, response_format={"type": "text"},
+               modalities=["text"], n=1).status_code == 200
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"model": ""}, "model"),
+    ({"temperature": 3}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": "yes"}, "stream"),
+], ids=["tool-message", "image", "last-not-user", "no-messages", "no-model", "temperature", "max_tokens",
+        "stop", "stream_options-without-stream", "stream-type"])
+def test_malformed_requests_are_400_invalid_request_error(client, key, body, param):
+    response = client.post(URL, json={"model": "tinyllama", "messages": HELLO, **body}, headers=key)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["param"] == param
+
+
+# ---- errors in OpenAI's shape ------------------------------------------------------------------------
+
+def shape(response):
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "code", "param"}
+    return error
+
+
+def test_errors_have_openais_shape_and_statuses(client, key, auth):
+    assert shape(client.get("/v1/models"))["code"] == "invalid_api_key"
+    bad = client.post(URL, json={}, headers={"Authorization": "Bearer llmk_nope"})
+    assert bad.status_code == 401 and shape(bad)["code"] == "invalid_api_key"
+    missing = ask(client, key, model="gpt-4o")
+    assert missing.status_code == 404 and shape(missing) == {**shape(missing), "code": "model_not_found",
+                                                             "param": "model"}
+    assert shape(client.get("/v1/models/gpt-4o", headers=key))["code"] == "model_not_found"
+    not_json = client.post(URL, data="hi", headers=key)
+    assert not_json.status_code == 400 and shape(not_json)["type"] == "invalid_request_error"
+    unknown = client.get("/v1/nothing-here", headers=key)
+    assert unknown.status_code == 404 and shape(unknown)["type"] == "invalid_request_error"
+    wrong_method = client.get(URL, headers=key)
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.headers["Allow"]
+    assert shape(wrong_method)
+    other = ask(client, key, metadata={"conversation_id": "999"})
+    assert other.status_code == 404 and shape(other)["code"] == "conversation_not_found"
+
+
+def test_the_model_server_failing_is_a_server_error(client, key, ollama):
+    ollama.script(fail="status", status=500)
+    response = ask(client, key)
+    assert response.status_code == 502 and shape(response)["type"] == "server_error"
+
+
+def test_models_list_and_get(client, key, auth):
+    for credentials in (key, auth):  # an API key or a bearer token from /auth/login
+        body = client.get("/v1/models", headers=credentials).get_json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == ["tinyllama:latest", "llama3.2:latest"]
+    assert client.get("/v1/models/tinyllama", headers=key).get_json()["id"] == "tinyllama:latest"
+
+
+# ---- storage -----------------------------------------------------------------------------------------
+
+def test_calls_are_stored_as_api_conversations_with_only_the_new_messages(app, client, key, ollama):
+    history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "one"}]
+    cid = None
+    for turn in ("two", "three", None):
+        response = client.post(URL, json={"model": "tinyllama", "messages": history}, headers={
+            **key, **({"X-Conversation-Id": cid} if cid else {})})
+        assert response.status_code == 200
+        assert ollama.chat_requests[-1]["messages"] == history  # exactly the client's messages
+        cid = cid or response.headers["X-Conversation-Id"]
+        assert response.headers["X-Conversation-Id"] == cid
+        history = history + [response.get_json()["choices"][0]["message"]]
+        history = [{"role": m["role"], "content": m["content"]} for m in history]
+        if turn:
+            history.append({"role": "user", "content": turn})
+    [(source, system, rows)] = conversations(app)
+    assert source == "api" and system == "You are terse."
+    assert [(role, status) for role, _, status in rows] == [("user", "complete"), ("assistant", "complete")] * 3
+    assert [content for role, content, _ in rows if role == "user"] == ["one", "two", "three"]
+    listed = client.get("/conversations", headers=key).get_json()["conversations"]
+    assert listed[0]["source"] == "api" and listed[0]["message_count"] == 6
+
+
+def test_an_edited_history_starts_a_new_conversation_and_loses_nothing(app, client, key):
+    cid = ask(client, key).headers["X-Conversation-Id"]
+    edited = [{"role": "user", "content": "hello?"}, {"role": "assistant", "content": "hi"},
+              {"role": "user", "content": "go on"}]
+    response = client.post(URL, json={"model": "tinyllama", "messages": edited},
+                           headers={**key, "X-Conversation-Id": cid})
+    assert response.status_code == 200 and response.headers["X-Conversation-Id"] != cid
+    assert [len(rows) for _, _, rows in conversations(app)] == [2, 4]
+
+
+def test_web_conversations_are_marked_web(app, client, auth):
+    client.post("/chat/", json={"prompt": "hi"}, headers=auth)
+    assert conversations(app)[0][0] == "web"
+
+
+def test_the_sidebar_marks_conversations_made_through_the_api(browser, key):
+    browser.post(URL, json={"model": "tinyllama", "messages": HELLO}, headers=key)
+    browser.post("/chat/", json={"prompt": "from the app's own API"}, headers=key)
+    html = browser.get("/?new=1").get_data(as_text=True)
+    assert html.count('title="made through the OpenAI-compatible /v1">API</abbr>') == 1
+
+
+def test_a_system_message_too_long_for_a_system_prompt_is_stored_as_a_message(app, client, key):
+    from webapp.limits import SYSTEM_PROMPT_MAX
+    history = [{"role": "system", "content": "s" * (SYSTEM_PROMPT_MAX + 1)}, *HELLO]
+    cid = client.post(URL, json={"model": "tinyllama", "messages": history}, headers=key).headers["X-Conversation-Id"]
+    history += [{"role": "assistant", "content": "Hello from the fake model."}, {"role": "user", "content": "more"}]
+    again = client.post(URL, json={"model": "tinyllama", "messages": history},
+                        headers={**key, "X-Conversation-Id": cid})
+    assert again.headers["X-Conversation-Id"] == cid
+    [(_, system, rows)] = conversations(app)
+    assert system == "" and [role for role, _, _ in rows] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_the_api_lists_conversations_by_source(client, key):
+    ask(client, key)
+    client.post("/chat/", json={"prompt": "from the app's own API"}, headers=key)
+    for source in ("api", "web"):
+        listed = client.get(f"/conversations?source={source}", headers=key).get_json()["conversations"]
+        assert [c["source"] for c in listed] == [source]
+    assert len(client.get("/conversations", headers=key).get_json()["conversations"]) == 2
+    wrong = client.get("/conversations?source=cli", headers=key)
+    assert wrong.status_code == 400 and wrong.get_json()["error"]["field"] == "source"
