@@ -56,8 +56,8 @@ def test_two_at_a_time_across_workers_round_robin_across_people(servers, app, ol
     make_user(app)
     make_user(app, "bob")
     alice, bob = login(server.url, "alice", PASSWORD), login(server.url, "bob", PASSWORD)
-    reply = " ".join(f"w{i}" for i in range(15))
-    ollama.script(reply=reply, delay=0.1)  # ~1.5 s per answer at the model
+    reply = " ".join(f"w{i}" for i in range(25))
+    ollama.script(reply=reply, delay=0.1)  # ~2.5 s per answer at the model: alice's first two outlast the asking
     record, threads, waiting = {}, [], []
 
     def ask(auth, prompt):
