@@ -61,9 +61,9 @@ def stream_turn(server, prompt, timeout=30):
         for name, data in sse_events(response):
             if name == "token":
                 text += data["text"]
-            elif name in ("done", "error"):
+            elif name in ("done", "failed"):
                 return text, name, data
-    raise AssertionError("the stream ended without done/error")
+    raise AssertionError("the stream ended without done/failed")
 
 
 class HealthProbe:

@@ -98,7 +98,7 @@ class Checker:
         self.seen.add(operation)
         if response.mimetype == "text/event-stream":
             events = sse_events(response.get_data(as_text=True))
-            assert events[0][0] == "start" and events[-1][0] in {"done", "error"}
+            assert events[0][0] == "start" and events[-1][0] in {"done", "failed"}
             for name, data in events:
                 self.event_validators[name].validate(json.loads(data))
             return events

@@ -128,7 +128,7 @@ def test_a_wait_past_the_queue_timeout_is_saved_as_an_error(servers, app, ollama
     stream(server, bob, "streams too long", record)
     events = record["streams too long"][0]
     assert [name for name, _ in events][:2] == ["start", "queued"]
-    assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "queue_timeout"
+    assert events[-1][0] == "failed" and events[-1][1]["error"]["code"] == "queue_timeout"
     assert events[-1][1]["status"] == "error"
     holder.join(30)
 

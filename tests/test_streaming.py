@@ -131,7 +131,7 @@ def test_failures_become_error_events(live, app, ollama, script, code, partial):
     response, events = start_stream(live)
     events = list(events)
     name, final = events[-1]
-    assert name == "error"
+    assert name == "failed"  # not "error": EventSource fires its own "error" on connection trouble
     assert final["status"] == "error" and final["error"]["code"] == code
     assert final["response"] == partial
     message = message_row(app, final["message_id"])

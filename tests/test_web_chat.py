@@ -23,7 +23,7 @@ def timed_sse(browser, path):
         buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
         while "\n\n" in buffer:
             frame, buffer = buffer.split("\n\n", 1)
-            match = re.match(r"event: (\w+)\ndata: (.*)", frame, re.S)
+            match = re.search(r"^event: (\w+)\ndata: (.*)", frame, re.S | re.M)  # after `id:`/`retry:`
             if match:
                 events.append((match.group(1), json.loads(match.group(2)), time.monotonic() - start))
     response.close()

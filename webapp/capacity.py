@@ -7,11 +7,12 @@ model or on a client (DESIGN rule 2), so a small pool serves thousands of open s
 cover is the requests and background writes *talking to the database at the same moment*. The whole
 deployment needs, at most,
 
-    replicas x WEB_CONCURRENCY x (DB_POOL_SIZE + DB_MAX_OVERFLOW + LIMIT_STORE_CONNECTIONS)
+    replicas x WEB_CONCURRENCY x (DB_POOL_SIZE + DB_MAX_OVERFLOW + LIMIT_STORE_CONNECTIONS + 1)
     (+ a few for `flask` commands, migrations, psql)
 
-connections, which must stay under PostgreSQL's `max_connections` (100 by default, a few of them
-reserved for superusers): 2 workers x (10 + 0 + 2) = 24 per instance, so up to 3 instances on a stock
+connections (the + 1 is each worker's push listener, webapp/push.py, on PostgreSQL, outside the
+pool), which must stay under PostgreSQL's `max_connections` (100 by default, a few of them reserved
+for superusers): 2 workers x (10 + 0 + 2 + 1) = 26 per instance, so up to 3 instances on a stock
 server (raise max_connections or lower DB_POOL_SIZE for more; or put PgBouncer in front).
 
 A request that cannot get a connection within DB_POOL_TIMEOUT seconds (1 by default) is answered

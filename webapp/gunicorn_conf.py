@@ -52,10 +52,13 @@ def worker_exit(server, worker):
 
 def post_worker_init(worker):
     """Each worker sweeps for answers orphaned by a crashed worker or replica (see answers.py),
-    and says whether its waits are cooperative."""
+    listens for tokens pushed from other workers (see push.py), and says whether its waits are
+    cooperative."""
     from webapp.capacity import describe_worker
     app = _app(worker)
     if app is not None:
         from webapp.generation import generations
         generations.start_orphan_sweeper(app)
+        from webapp import push
+        push.start(app)  # PostgreSQL: this worker's one listening connection for pushed tokens
     worker.log.info(describe_worker())

@@ -94,18 +94,23 @@
   }
 
   // Server-Sent Events from /c/<id>/m/<message id>/events:
-  //   "html" - the whole answer so far, rendered and sanitized on the server (a reconnect replays
-  //            from the start, so we replace the text, never append);
+  //   "html" - the whole answer so far, rendered and sanitized on the server (always the whole
+  //            text, also after a reconnect, so we replace the text, never append);
   //   "queued" - its place in the model's queue, while it waits (see below);
   //   "done" - the final message fragment (stats, or the failure in words, and Retry);
   //   "gone" - the conversation was deleted meanwhile.
-  function follow(article) {
+  // Each event's id is the answer's offset; after a dropped connection the browser reconnects with
+  // Last-Event-ID by itself. A reconnect that was already at the end of a finished answer gets 204
+  // (EventSource then closes): attach once more afresh, which replays the final "done" fragment.
+  function follow(article, again) {
     var url = article.getAttribute("data-stream-url");
-    if (!url || streams[article.id]) { return; }
+    if (!url || (streams[article.id] && !again)) { return; }
     var source = new EventSource(url);
+    var first = !again, seen = false;  // seen: an event came, so a later 204 means "finished"
     streams[article.id] = source;
     setBusy(true);
     source.addEventListener("html", function (event) {
+      seen = true;
       var stick = nearBottom();
       var text = article.querySelector(".text");
       if (text) { text.innerHTML = JSON.parse(event.data).html; }
@@ -126,6 +131,7 @@
       if (working && working.textContent !== "Answering…") { working.textContent = "Answering…"; }
     });
     source.addEventListener("item", function (event) {
+      seen = true;
       placeItem(JSON.parse(event.data).html);
     });
     source.addEventListener("done", function (event) {
@@ -145,10 +151,15 @@
       article.remove();
       finish(article, source);
     });
-    // Network trouble: EventSource reconnects by itself (and the stream replays). A refusal (signed
+    // Network trouble: EventSource reconnects by itself (with Last-Event-ID). A refusal (signed
     // out, 404) closes it for good: say so rather than showing "Answering…" forever.
     source.addEventListener("error", function () {
       if (source.readyState !== EventSource.CLOSED) { return; }
+      if (first && seen) {  // it had been streaming: the 204 of a finished answer
+        source.close();
+        follow(article, true);
+        return;
+      }
       article.removeAttribute("data-stream-url");
       article.removeAttribute("aria-busy");
       finish(article, source);

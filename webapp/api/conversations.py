@@ -105,6 +105,13 @@ def get_message(conversation_id, message_id):
 @bp.get("/conversations/<int:conversation_id>/messages/<int:message_id>/stream")
 @token_required
 def reattach(conversation_id, message_id):
-    """Replay the answer so far and keep streaming until it is final (works from any worker)."""
+    """Replay the answer so far, or from `Last-Event-ID` on, and keep streaming until it is final
+    (works from any worker). Already at the end of a finished answer: 204, so EventSource stops."""
+    since = sse.last_event_id()
     message = service.get_message(g.api_user, message_id, conversation_id)
-    return sse.response(stream_turn(stream_ids(conversation_id, message.id, message.model)))
+    ids = stream_ids(conversation_id, message.id, message.model)
+    final, length = not service.is_active(message), len(message.content)
+    service.end_reads()  # the stream may stay open for minutes: no connection held meanwhile
+    if sse.at_end(final, length, since):
+        return sse.finished()
+    return sse.response(stream_turn(ids, since=since or 0))

@@ -53,29 +53,43 @@ CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "s
 MESSAGE_ID = {"name": "message_id", "in": "path", "required": True, "schema": {"type": "integer"}}
 # At least one character that is not white space (as Python's str.strip() sees it: \s plus \x1c-\x1f, \x85).
 NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
-SSE_GRAMMAR = """Server-Sent Events (WHATWG HTML §9.2), UTF-8. Each event is one `event:` line, one
-`data:` line of JSON and a blank line; lines starting with `:` are heartbeats to ignore:
+SSE_GRAMMAR = """Server-Sent Events (WHATWG HTML §9.2), UTF-8. Each event is an `id:` line, one `event:`
+line, one `data:` line of JSON and a blank line; the first event also has a `retry:` line (milliseconds
+an EventSource waits before reconnecting); lines starting with `:` are heartbeats to ignore:
 
 ```
-stream  = start *( queued / ping ) *( token / ping ) ( done / error / signed_out )
-start   = "event: start" LF "data: " StreamStart LF LF
+stream  = start *( queued / ping ) *( token / ping ) ( done / failed / signed_out )
+start   = [ "retry: " ms LF ] "id: " offset LF "event: start" LF "data: " StreamStart LF LF
 queued  = "event: queued" LF "data: " StreamQueued LF LF ; waiting for the model: place in line (1 = next)
-token   = "event: token" LF "data: " StreamToken LF LF   ; the next piece of the answer
+token   = "id: " offset LF "event: token"  LF "data: " StreamToken LF LF  ; the next piece of the answer
 ping    = ": ping" LF LF
-done    = "event: done"  LF "data: " TurnResult LF LF    ; status complete or cancelled
-error   = "event: error" LF "data: " TurnResult LF LF    ; the answer failed; `error` says why
-signed_out = "event: signed_out" LF "data: " StreamSignedOut LF LF  ; the token or account ended
+done    = "id: " offset LF "event: done"   LF "data: " TurnResult LF LF   ; status complete or cancelled
+failed  = "id: " offset LF "event: failed" LF "data: " TurnResult LF LF   ; the answer failed; `error` says why
+signed_out = "event: signed_out" LF "data: " StreamSignedOut LF LF        ; the token or account ended
+offset  = 1*DIGIT  ; the answer's length in characters (Unicode code points) after this event
 ```
 
 A stream ends with `signed_out` within 5 s of its token ending (sign out everywhere, revoke, password
-change) or its account being disabled; the answer itself goes on being generated and saved.
+change) or its account being disabled; the answer itself goes on being generated and saved. It has no
+`id:` (a reconnect with the same credential is refused with 401).
+
+**Resuming.** A client that lost the connection asks
+`GET /conversations/{conversation_id}/messages/{message_id}/stream` with `Last-Event-ID: <the last id it
+got>` (or `?last_event_id=` where headers cannot be set): the stream goes on exactly after that
+offset, with no character repeated or lost, from any worker. Without it the answer is replayed from
+the start. A reconnect whose id is already at the end of a finished answer gets `204 No Content`, so an
+EventSource stops; read the message (`GET …/messages/{message_id}`) for its final status if the `done`
+event was lost. (Until 2.0.0 the failure event was named `error`, which clashes with EventSource's own
+connection `error` event.)
 
 Each event's data schema is under `components/schemas`, and `x-sse-event` is the JSON Schema of one
-parsed event (`event`, `data`, and `id`/`retry` when sent), for tools that check events one by one."""
+parsed event (`event`, `data`, `id`, and `retry` when sent), for tools that check events one by one."""
 SSE_EVENTS = {"start": "StreamStart", "queued": "StreamQueued", "token": "StreamToken", "done": "TurnResult",
-              "error": "TurnResult", "signed_out": "StreamSignedOut"}
-SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
-    "event": {"const": name}, "id": {"type": "string"}, "retry": {"type": "integer"},
+              "failed": "TurnResult", "signed_out": "StreamSignedOut"}
+NO_ID_EVENTS = ("queued", "signed_out")  # not a position in the answer: no `id:`
+SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"] + ([] if name in NO_ID_EVENTS else ["id"]),
+                        "properties": {
+    "event": {"const": name}, "id": {"type": "string", "pattern": "^[0-9]+$"}, "retry": {"type": "integer"},
     "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(schema)}}}
     for name, schema in SSE_EVENTS.items()]}
 SSE_MEDIA = {"text/event-stream": {"schema": {"type": "string", "description": SSE_GRAMMAR},
@@ -302,8 +316,19 @@ SPEC = {
         "/conversations/{conversation_id}/messages/{message_id}/stream": {
             "parameters": [CONVERSATION_ID, MESSAGE_ID],
             "get": {"operationId": "streamMessage",
-                    "summary": "Re-attach: replay the answer so far, then follow it to the end",
-                    "responses": {"200": SSE, **_errors("401", "404")}}},
+                    "summary": "Re-attach: replay the answer so far (or resume after `Last-Event-ID`), "
+                               "then follow it to the end",
+                    "parameters": [
+                        {"name": "Last-Event-ID", "in": "header", "required": False,
+                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                         "description": "the `id` of the last event received: resume right after it"},
+                        {"name": "last_event_id", "in": "query", "required": False,
+                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                         "description": "the same, for clients that cannot set headers (the header wins)"}],
+                    "responses": {"200": SSE,
+                                  "204": {"description": "`Last-Event-ID` is already at the end of a finished "
+                                                         "answer: nothing more will come (no body)"},
+                                  **_errors("400", "401", "404")}}},
         "/models": {"get": {"operationId": "listModels", "summary": "Models on the LLM server (cached briefly)",
                             "responses": {
             "200": _json({"type": "object"}), **_errors("401", "503")}}},

@@ -88,21 +88,26 @@ def finished_response(final, prompt, user_message_id=None):
                           user_message_id=user_message_id, partial_response=final.content)
 
 
-def stream_turn(ids, prompt=None):
-    """start, queued… (while waiting for the model), token…, then done (or error): every event's
-    data is JSON. Used for new turns, regenerations and re-attaching alike; following replays from
-    the first token."""
-    yield sse.event("start", ids)
+def stream_turn(ids, prompt=None, since=0):
+    """start, queued… (while waiting for the model), token…, then done (or failed): every event's
+    data is JSON and its `id:` is the answer's character offset after it, so a client that lost the
+    connection resumes with `Last-Event-ID` (through GET …/messages/<id>/stream) exactly where it
+    was. Used for new turns, regenerations and re-attaching alike; `since` is that offset (0: replay
+    from the first token)."""
+    offset = since
+    yield sse.event("start", ids, id=offset, retry=sse.RETRY_MS)
     watch = stream_auth.watch()
-    for kind, value in service.follow(ids["message_id"]):
+    for kind, value in service.follow(ids["message_id"], since=since):
         if not watch.still_allowed():  # signed out, token revoked or account disabled meanwhile
             yield watch.ended()
             return
-        if kind == "queued":
+        if kind == "queued":  # no id: the place in line is not a position in the answer
             yield sse.event("queued", {"position": value})
         elif kind == "token":
-            yield sse.event("token", {"text": value})
+            offset += len(value)
+            yield sse.event("token", {"text": value}, id=offset)
         elif kind == "ping":
             yield sse.PING
         elif kind == "done":
-            yield sse.event("done" if service.is_answered(value) else "error", turn_result(value, prompt))
+            yield sse.event("done" if service.is_answered(value) else "failed", turn_result(value, prompt),
+                            id=max(offset, len(value.content)))

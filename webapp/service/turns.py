@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from flask import current_app
 from sqlalchemy import and_, or_, select
 
-from .. import answers
+from .. import answers, push
 from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
@@ -188,20 +188,35 @@ def build_context(conversation, answer_id, history=None, prompt_message=None):
 
 # ---- following and stopping -----------------------------------------------------------------------
 
-def follow(message_id, poll=0.3, keepalive=10.0):
-    """Yield ("token", text) as the answer grows, then ("done", Message) once it is final.
+def follow(message_id, since=0, poll=0.3, keepalive=10.0):
+    """Yield ("token", text) as the answer grows past `since` characters, then ("done", Message)
+    once it is final. `since` is where the caller already is (an SSE `Last-Event-ID`: the answer's
+    character offset), so a resumed stream neither repeats nor loses a character; 0 replays it all.
     While the answer waits in the model's queue, ("queued", place) each time its place in line
-    changes (1 = next to run).
+    changes (1 = next to run; read from the row when it is generated on another worker).
 
-    Replays from the start, so a client that re-attaches gets the whole answer. Tokens come from
-    this process's live generation when it is here, else from the row the generating worker
-    flushes (so it works from any worker or replica). ("idle", None) comes after each quiet poll
-    (a tick for throttled renderers), and ("ping", None) every `keepalive` seconds of silence, to
-    let the caller notice a client that went away.
+    Tokens come from this process's live generation when it is here. Elsewhere they are pushed
+    (PostgreSQL LISTEN/NOTIFY, webapp/push.py: the generating worker publishes deltas, batched per
+    worker, only for answers someone on another worker follows), with the row the generating
+    worker flushes as the durable copy and the gap-filler; with SQLite, or when push is off, the
+    row is polled every `poll` seconds. ("idle", None) comes after each quiet `poll` (a tick for
+    throttled renderers), and ("ping", None) every `keepalive` seconds of silence, to let the
+    caller notice a client that went away.
     """
-    sent, idle_since, place = 0, time.monotonic(), None
+    subscription = None if generations.get(message_id) is not None else push.subscribe(message_id)
+    try:
+        yield from _follow(message_id, since, poll, keepalive, subscription)
+    finally:
+        if subscription is not None:
+            subscription.close()
+
+
+def _follow(message_id, sent, poll, keepalive, subscription):
+    idle_since, read_row, announced, last_read = time.monotonic(), True, False, 0.0
+    last_news, place = last_read, None
     while True:
         live = generations.get(message_id)
+        text, finished, offset = None, False, 0
         if live is not None:
             if live.position is not None and live.position != place:
                 place = live.position
@@ -209,9 +224,20 @@ def follow(message_id, poll=0.3, keepalive=10.0):
             live.wait(sent, timeout=poll)
             if not live.done and len(live.text) > sent:
                 time.sleep(COALESCE_SECONDS)  # a few tokens per event, not one wake-up per token
-            text, finished = live.text, False  # the final state is read from the row below
-        else:
+            text = live.text  # the final state is read from the row below
+        elif subscription is not None and not read_row:
+            pushed = subscription.take(sent, timeout=poll)
+            now = time.monotonic()
+            if pushed.text:
+                text, offset, last_news = pushed.text, sent, now
+            # Read the row at the end, after a gap (a missed or text-less notification; at most every
+            # `poll` seconds while the row lags behind the pushed offsets), or after a long silence
+            # (which is also how a dead generating worker is noticed).
+            read_row = (pushed.end or (pushed.gap and now - last_read >= poll)
+                        or now - max(last_read, last_news) >= push.SAFETY_SECONDS)
+        if live is None and (subscription is None or read_row):
             message = _fresh_message(message_id)
+            last_read, read_row = time.monotonic(), False
             if message is None:
                 return
             if answers.interrupt_if_orphaned(message, generations.is_live):
@@ -221,16 +247,19 @@ def follow(message_id, poll=0.3, keepalive=10.0):
                 if now is not None and now != place:
                     place = now
                     yield "queued", place
-            text, finished = message.content, message.status in FINAL_STATUSES
-        if len(text) > sent:
-            yield "token", text[sent:]
-            sent, idle_since = len(text), time.monotonic()
+            text, finished, offset = message.content, message.status in FINAL_STATUSES, 0
+            if subscription is not None and not finished and not announced:
+                subscription.announce()  # the generating worker starts publishing from offset 0
+                announced = True
+        if text is not None and len(text) + offset > sent:
+            yield "token", text[sent - offset:]
+            sent, idle_since = len(text) + offset, time.monotonic()
         elif not finished:
             yield "idle", None
         if finished:
             yield "done", _fresh_message(message_id)
             return
-        if live is None:
+        if live is None and subscription is None:
             time.sleep(poll)
         if time.monotonic() - idle_since >= keepalive:
             idle_since = time.monotonic()

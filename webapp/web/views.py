@@ -198,10 +198,18 @@ def regenerate(conversation_id):
 @bp.get("/c/<int:conversation_id>/m/<int:message_id>/events")
 @login_required
 def events(conversation_id, message_id):
-    """SSE for one answer: `html` snapshots of the rendered text so far, then `done` with the final
-    message fragment. Replays from the start, so reconnecting after a reload shows everything."""
-    service.get_message(user(), message_id, conversation_id)
-    return sse.response(answer_frames(message_id, conversation_id))
+    """SSE for one answer: `html` snapshots of the whole text rendered so far, then `done` with the
+    final message fragment. Each event's `id:` is the answer's character offset its snapshot rendered.
+    A snapshot is always the whole text, so a reconnect (the browser sends `Last-Event-ID` itself)
+    starts again with a full snapshot; only a reconnect already at the end of a finished answer gets
+    204, so EventSource stops (the page then attaches once afresh for the final fragment)."""
+    since = sse.last_event_id()
+    message = service.get_message(user(), message_id, conversation_id)
+    final, length = not service.is_active(message), len(message.content)
+    if sse.at_end(final, length, since):
+        service.end_reads()
+        return sse.finished()
+    return sse.response(answer_frames(message_id, conversation_id, since or 0))
 
 
 def sidebar_item(conversation_id):
@@ -215,13 +223,14 @@ def sidebar_item(conversation_id):
     return html
 
 
-def answer_frames(message_id, conversation_id):
+def answer_frames(message_id, conversation_id, since=0):
     """Render the whole answer so far on a token, unless the last render was under RENDER_INTERVAL
     ago (markdown must be re-rendered whole: a later token can close an open code fence). The final
-    `done` frame always carries the complete text, so a skipped snapshot is never lost."""
+    `done` frame always carries the complete text, so a skipped snapshot is never lost. Ids: the
+    offset of the text the page shows (`since` until the first snapshot of a resumed stream)."""
     text, rendered, last_render = "", "", 0.0
     # The sidebar entry says "answering…" now and loses it at the end, without a reload.
-    yield sse.event("item", {"html": sidebar_item(conversation_id)})
+    yield sse.event("item", {"html": sidebar_item(conversation_id)}, id=since, retry=sse.RETRY_MS)
     watch = stream_auth.watch()
     for kind, value in service.follow(message_id):
         if not watch.still_allowed():  # this browser's session ended, or the account was disabled
@@ -233,13 +242,14 @@ def answer_frames(message_id, conversation_id):
             text += value
         if kind in ("token", "idle") and text != rendered and time.monotonic() - last_render >= RENDER_INTERVAL:
             # On "idle" too: a tail held back by the throttle shows even if the model then pauses.
-            yield sse.event("html", {"html": str(render_markdown(text))})
+            yield sse.event("html", {"html": str(render_markdown(text))}, id=len(text))
             rendered, last_render = text, time.monotonic()
         elif kind == "ping":
             yield sse.PING  # lets the server notice a reader that went away
         elif kind == "done":
             html = render_template("_message.html", message=value, last=True)
-            yield sse.event("done", {"html": html, "status": value.status, "item": sidebar_item(conversation_id)})
+            yield sse.event("done", {"html": html, "status": value.status, "item": sidebar_item(conversation_id)},
+                            id=len(value.content))
             return
     # follow() ends without "done" only if the conversation was deleted meanwhile
     yield sse.event("gone", {"html": ""})
