@@ -74,7 +74,8 @@ def main():
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
     with app.app_context():
         upgrade()
-    server = LiveServer(url, ollama.url, workers=2, GUNICORN_THREADS=32, TRUSTED_PROXIES=1,
+    server = LiveServer(url, ollama.url, workers=2, LLM_MAX_PARALLEL=0, USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0,
+                        GUNICORN_THREADS=32, TRUSTED_PROXIES=1,
                         TRUSTED_PROXY_NETWORKS="127.0.0.1/32").start()
     caddy = Caddy(Path(tempfile.mkdtemp(prefix="bench-caddy-")), server.port)
     try:

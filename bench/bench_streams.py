@@ -59,7 +59,8 @@ def main():
     with app.app_context():
         upgrade()
         create_user("bench", "bench-password")
-    server = LiveServer(url, ollama.url, workers=2, GUNICORN_THREADS=32, LLM_READ_TIMEOUT=30,
+    server = LiveServer(url, ollama.url, workers=2, LLM_MAX_PARALLEL=0, USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0,
+                        GUNICORN_THREADS=32, LLM_READ_TIMEOUT=30,
                         STREAM_FLUSH_SECONDS=0.25, HEARTBEAT_SECONDS=1, LOG_LEVEL="WARNING").start()
     try:
         auth = login(server.url, "bench", "bench-password")

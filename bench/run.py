@@ -114,6 +114,7 @@ class App:
         self.env = {**os.environ, "DATABASE_URL": database_url, "OLLAMA_URL": ollama_url,
                     "SECRET_KEY": SECRET, "WEB_CONCURRENCY": str(workers), "PORT": str(self.port),
                     "DEFAULT_MODEL": MODEL, "TOKEN_EXPIRES_MINUTES": "600", "LLM_MAX_PARALLEL": "0",
+                    "USER_MAX_RUNNING": "0", "USER_MAX_PER_MINUTE": "0",
                     **extra_env}
 
     def start(self):

@@ -64,6 +64,7 @@ class FakeOllama:
     def reset(self):
         self._script = dict(DEFAULT_SCRIPT)
         self.connections = 0  # TCP connections accepted since the last reset (keep-alive reuses one)
+        self.peak_streams = 0  # the most chat streams answered at once since the last reset
         self.requests = []
         self.events = []
         self._event_added = threading.Condition()
@@ -308,6 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake.record("chat_start", model=model)
         with fake._lock:
             fake._active += 1
+            fake.peak_streams = max(fake.peak_streams, fake._active)
         try:
             self._start_stream(content_type)
             yield

@@ -112,7 +112,23 @@ def test_ollama_too_slow_is_504(app, client, auth, ollama):
     assert messages_of(app, error["conversation_id"])[1] == ("assistant", "error", "slow ", "llm_timeout")
 
 
-def test_unknown_model_is_404_naming_it(app, client, auth, ollama):
+def test_a_model_the_server_does_not_offer_is_refused_before_anything_is_saved(app, client, auth, ollama):
+    response = client.post("/chat/", json={"prompt": "hi", "model": "no-such-model"}, headers=auth)
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert (error["code"], error["field"]) == ("unknown_model", "model")
+    assert "no-such-model" in error["message"]
+    with app.app_context():
+        from webapp.models import Message
+        assert Message.query.count() == 0
+
+
+def test_an_allowed_model_the_server_lacks_is_404_naming_it(make_app, ollama):
+    """The operator's allow-list lets a name through; the model server's own refusal is saved."""
+    app = make_app(ALLOWED_MODELS=["no-such-model"])
+    client = app.test_client()
+    make_user(app)
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
     response = client.post("/chat/", json={"prompt": "hi", "model": "no-such-model"}, headers=auth)
     assert response.status_code == 404
     error = response.get_json()["error"]

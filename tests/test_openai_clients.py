@@ -80,8 +80,15 @@ def test_sdk_streams_with_usage_and_length(sdk, ollama):
     assert ollama.chat_requests[-1]["options"]["stop"] == ["END"]
 
 
-def test_async_sdk_runs_calls_at_once(server, key, ollama):
+def test_async_sdk_runs_calls_at_once(app, server, key, ollama):
     ollama.script(delay=0.05)
+    # Three at once is past USER_MAX_RUNNING (2; the third would be a 429 RateLimitError, as designed):
+    # an admin's per-person override lets this program run them.
+    from webapp.auth.accounts import find_user
+    from webapp.extensions import db
+    with app.app_context():
+        find_user("alice").max_running = 3
+        db.session.commit()
 
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=20)

@@ -171,14 +171,19 @@ def test_model_server_down(make_app):
     assert "hello?" in page  # the prompt is kept
 
 
-def test_missing_model_is_told_in_words(browser, ollama):
+def test_a_model_the_server_does_not_offer_is_told_in_words_in_the_composer(browser, ollama):
     page = browser.get("/?new=1").get_data(as_text=True)
+    assert "tinyllama:latest" in page
     token = csrf_of(browser, "/?new=1")
     response = browser.post("/chat", data={"prompt": "hi", "model": "no-such-model", "csrf_token": token})
-    conversation_id = conversation_of(response)
-    events = read_sse(browser, f"/c/{conversation_id}/m/2/events")
-    assert "isn" in json.loads(events[-1][1])["html"] and "installed" in json.loads(events[-1][1])["html"]
-    assert "tinyllama:latest" in page
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert "not a model this server offers" in html and 'id="composer-error"' in html
+    assert ">hi</textarea>" in html  # what was typed is kept
+    response = browser.post("/chat", data={"prompt": "hi", "model": "no-such-model", "csrf_token": token},
+                            headers={"HX-Request": "true"})
+    assert response.headers["HX-Retarget"] == "#composer-error"
+    assert "not a model this server offers" in response.get_data(as_text=True)
 
 
 def test_length_limit_is_mentioned(browser, ollama):

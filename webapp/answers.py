@@ -1,7 +1,9 @@
 """An answer's life, start to end, in the database: the one writer of a conversation's busy flag
 (`active_message_id`) and of an answer's final status.
 
-    open_answer  -> the answer row exists and its conversation is claimed (one turn at a time)
+    open_answer  -> the answer row exists and its conversation is claimed (one turn at a time);
+                    with the queue on (LLM_MAX_PARALLEL) it starts 'queued'
+    admit        -> queued answers take a free slot at their model, fairly across people
     flush        -> the text so far is saved (throttled by the generator; the first flush also marks
                     the answer 'streaming')
     finish       -> the final status, text and usage are saved and the conversation freed, together
@@ -13,15 +15,27 @@ webapp/generation.py), so this module never imports them.
 """
 import logging
 import time
+from collections import Counter
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, text, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
 from .extensions import db
-from .models import ACTIVE_STATUSES, COMPLETE, INTERRUPTED, PENDING, STREAMING, Conversation, Message, utcnow
+from .models import (
+    ACTIVE_STATUSES,
+    COMPLETE,
+    INTERRUPTED,
+    PENDING,
+    QUEUED,
+    RUNNING_STATUSES,
+    STREAMING,
+    Conversation,
+    Message,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 INTERRUPTED_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
@@ -34,17 +48,23 @@ def _never_live(message_id):
 
 # ---- start ------------------------------------------------------------------------------------------
 
-def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_live=_never_live):
+def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_live=_never_live,
+                queued=False, guard=None):
     """In the caller's transaction: add the prompt (if any) and an empty answer, and claim the
     conversation with a compare-and-set on its busy flag. Nothing is committed here. Returns
     (prompt_message, answer); raises 409 when another answer is running (or 404 if it vanished).
     An answer orphaned by a dead worker does not block: it is saved as interrupted, and the claim
-    tried once more. `replaces`: the id of an answer the new one takes the place of (regenerate)."""
+    tried once more. `replaces`: the id of an answer the new one takes the place of (regenerate).
+    `queued`: the answer waits for a slot at the model (see `admit`). `guard()`: run at the start of
+    each attempt's transaction (the per-person limits take their lock and count there)."""
     for attempt in range(2):
+        if guard is not None:
+            guard()
         now = utcnow()
         rows = [Message(conversation_id=conversation.id, role="user", content=prompt, status=COMPLETE,
                         request_id=request_id, created_at=now)] if prompt is not None else []
-        answer = Message(conversation_id=conversation.id, role="assistant", content="", status=PENDING,
+        answer = Message(conversation_id=conversation.id, role="assistant", content="",
+                         status=QUEUED if queued else PENDING,
                          model=model, request_id=request_id, heartbeat_at=now, created_at=now)
         count = conversation.message_count + len(rows) + 1
         if replaces is not None:
@@ -71,6 +91,86 @@ def _claim(conversation_id, answer_id, message_count, now):
         active_message_id=answer_id, message_count=message_count, updated_at=now)).rowcount == 1
 
 
+# ---- the queue in front of the model ----------------------------------------------------------------
+
+QUEUE_LOCK = 7141  # PostgreSQL advisory-lock namespace: (QUEUE_LOCK, hashtext(model)) guards one model's slots
+
+
+def lock(namespace, key):
+    """Serialise a read-then-write with everyone else doing the same for `key`, until the caller's
+    transaction ends. PostgreSQL: a transaction-scoped advisory lock. SQLite: the database's single
+    writer: a write that touches nothing makes the session's transaction take the write lock first
+    (BEGIN IMMEDIATE, see capacity.py), so what it reads next cannot change under it."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        db.session.execute(text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:key))"),
+                           {"namespace": namespace, "key": str(key)})
+    else:
+        db.session.execute(update(Message).where(Message.id == -1).values(status=QUEUED))
+
+
+def model_key(name):
+    """One queue per model, however it is spelt: Ollama reads 'tinyllama' as 'tinyllama:latest'."""
+    return name if ":" in name else name + ":latest"
+
+
+def _spellings(key):
+    return [key, key[:-len(":latest")]] if key.endswith(":latest") else [key]
+
+
+def _queue_of(model):
+    """(fair order of the queued answer ids, how many run) for one model. Round-robin across
+    people: an answer's rank is how many answers its person already has running or queued ahead
+    of it at this model, so everyone's first waiting answer goes before anyone's second."""
+    rows = db.session.execute(
+        select(Message.id, Message.status, Conversation.user_id)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.status.in_(ACTIVE_STATUSES), Message.model.in_(_spellings(model_key(model))))
+        .order_by(Message.id)).all()
+    per_person = Counter(user_id for _, status, user_id in rows if status in RUNNING_STATUSES)
+    running = sum(per_person.values())
+    ranked = []
+    for message_id, status, user_id in rows:
+        if status == QUEUED:
+            ranked.append((per_person[user_id], message_id))
+            per_person[user_id] += 1
+    return [message_id for _, message_id in sorted(ranked)], running
+
+
+def admit(waiting, limit):
+    """Give free slots to queued answers, in fair order. `waiting`: {model_key(model): ids of queued
+    answers this process runs}; only those are admitted here (a head of the line that another worker runs is
+    admitted by that worker's next tick). One short transaction, under each model's lock, so workers
+    and replicas never run more than `limit` answers of a model at once. Returns {id: place in line},
+    0 for the answers admitted now (now 'pending'); an id missing from the result is no longer queued."""
+    places = {}
+    try:
+        for model in sorted(waiting):
+            lock(QUEUE_LOCK, model_key(model))
+            order, running = _queue_of(model)
+            free = max(0, limit - running)
+            mine = waiting[model]
+            now_running = [message_id for message_id in order[:free] if message_id in mine]
+            if now_running:
+                db.session.execute(update(Message).where(Message.id.in_(now_running), Message.status == QUEUED)
+                                   .values(status=PENDING, heartbeat_at=utcnow()))
+            for index, message_id in enumerate(order):
+                if message_id in mine:
+                    places[message_id] = 0 if message_id in now_running else index + 1
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return places
+
+
+def place_in_line(message_id, model):
+    """1 for the next answer to run, 2 for the one after, ... (None when it is not queued). A read
+    for followers on other workers; no lock."""
+    order, _ = _queue_of(model)
+    db.session.rollback()
+    return order.index(message_id) + 1 if message_id in order else None
+
+
 # ---- while generating -----------------------------------------------------------------------------
 
 def flush(texts):
@@ -80,7 +180,7 @@ def flush(texts):
     table = Message.__table__
     # or_ of equalities, not in_(): an IN list is an "expanding" parameter, which executemany refuses.
     db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
-                                           or_(*(table.c.status == status for status in ACTIVE_STATUSES)))
+                                           or_(*(table.c.status == status for status in RUNNING_STATUSES)))
                        .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
                        [{"message_id": message_id, "text": text} for message_id, text in texts.items()])
     db.session.commit()

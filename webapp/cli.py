@@ -1,5 +1,5 @@
 """Operator commands: `flask create-user USERNAME [--admin]`, `flask set-password USERNAME`,
-`flask disable-user USERNAME [--enable]`."""
+`flask disable-user USERNAME [--enable]`, `flask set-limits USERNAME --max-running N --per-minute M`."""
 import sys
 
 import click
@@ -54,3 +54,36 @@ def register_cli(app):
             raise click.ClickException(f"no user named '{username.strip().lower()}'")
         set_active(user, enable)
         click.echo(f"{'enabled' if enable else 'disabled'} '{user.username}'")
+
+    @app.cli.command("set-limits")
+    @click.argument("username")
+    @click.option("--max-running", type=str, default=None,
+                  help="Unfinished answers at once (queued ones count); 0 = no limit, 'default' = USER_MAX_RUNNING.")
+    @click.option("--per-minute", type=str, default=None,
+                  help="Answers started per minute; 0 = no limit, 'default' = USER_MAX_PER_MINUTE.")
+    def set_limits_command(username, max_running, per_minute):
+        """Override one person's answer limits (until run-time settings arrive, this is where)."""
+        from .extensions import db
+        user = find_user(username)
+        if user is None:
+            raise click.ClickException(f"no user named '{username.strip().lower()}'")
+        for column, value in (("max_running", max_running), ("max_per_minute", per_minute)):
+            if value is not None:
+                setattr(user, column, _limit_value(value))
+        db.session.commit()
+        config = app.config
+
+        def shown(value, default):
+            return f"{value}" if value is not None else f"default ({default})"
+        click.echo(f"limits of '{user.username}': max running "
+                   f"{shown(user.max_running, config['USER_MAX_RUNNING'])}, per minute "
+                   f"{shown(user.max_per_minute, config['USER_MAX_PER_MINUTE'])} (0 = no limit)")
+
+
+def _limit_value(value):
+    """'default' (or empty) -> None, the configured default; else a whole number >= 0."""
+    if value.strip().lower() in ("", "default"):
+        return None
+    if not (value.strip().isascii() and value.strip().isdigit()):
+        raise click.BadParameter(f"'{value}' is not a whole number >= 0 or 'default'")
+    return int(value.strip())

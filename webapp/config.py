@@ -76,6 +76,21 @@ def load_config():
         "LLM_TEMPERATURE": _float("LLM_TEMPERATURE", -1.0),
         "LLM_NUM_CTX": _int("LLM_NUM_CTX", 0),
         "LLM_NUM_PREDICT": _int("LLM_NUM_PREDICT", 0),
+        # The fair queue in front of the model: at most this many answers per model at once (like
+        # Ollama's OLLAMA_NUM_PARALLEL), the rest wait their turn, round-robin across people, for at
+        # most LLM_QUEUE_TIMEOUT seconds. 0: no queue.
+        "LLM_MAX_PARALLEL": max(0, _int("LLM_MAX_PARALLEL", 4)),
+        "LLM_QUEUE_TIMEOUT": _float("LLM_QUEUE_TIMEOUT", 120.0),
+        # Per person: unfinished answers at once (queued ones count) and answers started per minute;
+        # 0 turns a limit off. `flask set-limits` overrides both for one person.
+        "USER_MAX_RUNNING": max(0, _int("USER_MAX_RUNNING", 2)),
+        "USER_MAX_PER_MINUTE": max(0, _int("USER_MAX_PER_MINUTE", 30)),
+        # Ceilings on what a client may ask of the model (larger values are refused with 422).
+        "LLM_MAX_NUM_CTX": _int("LLM_MAX_NUM_CTX", 8192),
+        "LLM_MAX_NUM_PREDICT": _int("LLM_MAX_NUM_PREDICT", 2048),
+        # Models a client may name besides those the model server lists (comma-separated); while the
+        # model server is unreachable only these and DEFAULT_MODEL are accepted.
+        "ALLOWED_MODELS": [name.strip() for name in os.environ.get("ALLOWED_MODELS", "").split(",") if name.strip()],
         "TOKEN_EXPIRES_MINUTES": _int("TOKEN_EXPIRES_MINUTES", 60),
         "MAX_PROMPT_CHARS": _int("MAX_PROMPT_CHARS", 32_000),
         "CONTEXT_MAX_MESSAGES": _int("CONTEXT_MAX_MESSAGES", 40),

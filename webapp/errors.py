@@ -28,6 +28,7 @@ __all__ = ["ANSWER_ERROR_STATUS", "LLMError", "ServiceError", "not_found", "inva
 ANSWER_ERROR_STATUS = {
     **{kind.code: kind.status for kind in (llm.LLMUnreachable, llm.LLMTimeout, llm.ModelNotFound, llm.UpstreamError)},
     "interrupted": 503,
+    "queue_timeout": 503,
     "internal_error": 500,
 }
 
@@ -35,9 +36,14 @@ ANSWER_ERROR_STATUS = {
 class ServiceError(Exception):
     """A refusal: `status`, a stable `code`, words for people, and the `field` to blame if any."""
 
-    def __init__(self, status, code, message, field=None):
+    def __init__(self, status, code, message, field=None, retry_after=None):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after = retry_after  # seconds, for a 429: sent as Retry-After
+
+    @property
+    def headers(self):
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 def not_found(what, field=None):

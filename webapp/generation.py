@@ -10,6 +10,12 @@ goes through webapp/answers.py, the owner of an answer's life in the database.
 `generations` (an extension, bound in create_app) is this process's registry of live generations,
 with one watchdog that writes the heartbeats and honours Stop requests made on other workers.
 Everything runs through `spawn`: the one place that decides what a background task is.
+
+The queue in front of the model (LLM_MAX_PARALLEL > 0): an answer starts 'queued'; its generation
+first asks for a slot once (answers.admit) and, if none is free, waits on its Live without a
+database connection or an OS thread (a greenlet under gevent) while the watchdog asks for slots for
+all of this process's waiting answers in one transaction per tick, and tells each its place in line.
+After LLM_QUEUE_TIMEOUT seconds of waiting the answer ends as an error, code `queue_timeout`.
 """
 import logging
 import threading
@@ -25,6 +31,11 @@ from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, ms
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
+QUEUE_TIMEOUT_MESSAGE = "the model was busy with other answers for too long; try again in a while"
+
+
+class QueueTimeout(Exception):
+    pass
 
 
 def spawn(target, *args, name=None):
@@ -43,13 +54,17 @@ class Job:
     messages: list
     options: dict = field(default_factory=dict)
     request_id: str | None = None
+    queued: bool = False  # waits for a slot at the model first (answers.admit)
 
 
 class Live:
     """In-process view of one running generation: its text so far, and a way to abort it."""
 
-    def __init__(self, message_id):
+    def __init__(self, message_id, model=None):
         self.message_id = message_id
+        self.model = model
+        # Place in the model's queue while it waits for a slot (1 = next); None when not waiting.
+        self.position = None
         self.text = ""
         self.done = False
         self.cancelled = False
@@ -62,6 +77,17 @@ class Live:
         with self._cond:
             self.text += text
             self._cond.notify_all()
+
+    def place(self, position):
+        """The watchdog's news: a new place in line, or None once admitted (wakes the waiter)."""
+        with self._cond:
+            self.position = position
+            self._cond.notify_all()
+
+    def wait_turn(self, timeout):
+        """Block until admitted, aborted or the timeout (not woken by anything else)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.position is None or self.cancelled, timeout)
 
     def finish(self):
         with self._cond:
@@ -80,7 +106,9 @@ class Live:
 
     def abort(self, interrupted=False):
         self.interrupted = self.interrupted or interrupted
-        self.cancelled = True
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
         self.upstream()
 
 
@@ -133,7 +161,7 @@ class _Registry:
             return list(self._live)
 
     def launch(self, job, client):
-        live = Live(job.message_id)
+        live = Live(job.message_id, job.model)
         with self._lock:
             self._live[job.message_id] = live
             if self._watchdog is None or not self._watchdog.is_alive():
@@ -189,6 +217,7 @@ class _Registry:
                 try:
                     for message_id in answers.cancel_requested(ids):
                         self.abort(message_id)
+                    self._admit()
                     if time.monotonic() - last_flush >= config["STREAM_FLUSH_SECONDS"]:
                         self._flush()
                         last_flush = time.monotonic()
@@ -201,6 +230,13 @@ class _Registry:
                 finally:
                     db.session.close()
 
+
+    def _admit(self):
+        """Ask for slots for every answer of this process still waiting, in one transaction."""
+        with self._lock:
+            lives = [live for live in self._live.values() if live.position is not None and not live.cancelled]
+        if lives:
+            _take_places(lives, self.app.config["LLM_MAX_PARALLEL"])
 
     def _flush(self):
         with self._lock:
@@ -223,7 +259,11 @@ class Generation:
     def run(self):
         status, code, error = COMPLETE, None, None
         try:
+            if self.job.queued:
+                self._wait_for_slot()
             self._stream()
+        except QueueTimeout:
+            status, code, error = ERROR, "queue_timeout", QUEUE_TIMEOUT_MESSAGE
         except llm.Cancelled:
             status = CANCELLED
             if self.live.interrupted:
@@ -240,6 +280,25 @@ class Generation:
                        usage=_usage(final))
         self._log(status, code, final)
 
+    def _wait_for_slot(self):
+        """Ask once at once; then wait, holding nothing, for the watchdog's ticks to admit it."""
+        config = current_app.config
+        deadline = time.monotonic() + config["LLM_QUEUE_TIMEOUT"]
+        place = _take_places([self.live], config["LLM_MAX_PARALLEL"]).get(self.job.message_id)
+        db.session.close()
+        if place is None:  # no longer queued: deleted (or stopped) before it could start
+            raise llm.Cancelled("stopped before the model started")
+        while self.live.position is not None:
+            if self.live.cancelled:
+                raise llm.Cancelled("stopped before the model started")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueueTimeout()
+            self.live.wait_turn(min(remaining, 1.0))
+        if self.live.cancelled:
+            raise llm.Cancelled("stopped before the model started")
+        self.started = time.monotonic()
+
     def _stream(self):
         stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options,
                                          abort=self.live.upstream)
@@ -255,6 +314,19 @@ class Generation:
                  f"/{code}" if code else "", len(self.live.text), final.prompt_eval_count, final.eval_count,
                  final.done_reason, ms(final.load_duration), ms(final.eval_duration),
                  (time.monotonic() - self.started) * 1000)
+
+
+def _take_places(lives, limit):
+    """answers.admit for these waiting lives; each learns its place (None: admitted, it may run)."""
+    waiting = {}
+    for live in lives:
+        waiting.setdefault(answers.model_key(live.model), set()).add(live.message_id)
+    places = answers.admit(waiting, limit)
+    for live in lives:
+        place = places.get(live.message_id)
+        if place is not None:
+            live.place(place or None)
+    return places
 
 
 def _usage(final):

@@ -59,10 +59,14 @@ def include_object(obj, name, type_, reflected, compare_to):
     return not (type_ == "index" and name in POSTGRES_ONLY_INDEXES)
 
 
-# Message lifecycle. "interrupted" = the worker generating it died; its partial text is kept.
-PENDING, STREAMING, COMPLETE, ERROR, CANCELLED, INTERRUPTED = (
-    "pending", "streaming", "complete", "error", "cancelled", "interrupted")
-ACTIVE_STATUSES = (PENDING, STREAMING)
+# Message lifecycle. "queued" = waiting for a free slot at the model (LLM_MAX_PARALLEL, see
+# answers.admit); "pending" = admitted, no text yet; "interrupted" = the worker generating it died
+# (its partial text is kept).
+QUEUED, PENDING, STREAMING, COMPLETE, ERROR, CANCELLED, INTERRUPTED = (
+    "queued", "pending", "streaming", "complete", "error", "cancelled", "interrupted")
+RUNNING_STATUSES = (PENDING, STREAMING)  # holding one of the model's slots
+ACTIVE_STATUSES = (QUEUED, PENDING, STREAMING)
+ACTIVE_WHERE = "status IN ('queued', 'pending', 'streaming')"
 FINAL_STATUSES = (COMPLETE, ERROR, CANCELLED, INTERRUPTED)
 
 
@@ -82,6 +86,10 @@ class User(UserMixin, db.Model):
     # Bumped on password change / sign-out-everywhere: old JWTs and sessions stop working.
     token_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # An admin's per-person overrides of USER_MAX_RUNNING / USER_MAX_PER_MINUTE (NULL: the
+    # configured default; 0: no limit). `flask set-limits` sets them.
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
     @staticmethod
@@ -143,8 +151,7 @@ class Message(db.Model):
         Index("ix_messages_conversation_id_id", "conversation_id", "id"),
         # Only the few answers being generated: the orphan sweep reads this, never the whole table.
         Index("ix_messages_active", "status", "heartbeat_at",
-              postgresql_where=text("status IN ('pending', 'streaming')"),
-              sqlite_where=text("status IN ('pending', 'streaming')")),
+              postgresql_where=text(ACTIVE_WHERE), sqlite_where=text(ACTIVE_WHERE)),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

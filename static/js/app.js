@@ -96,6 +96,7 @@
   // Server-Sent Events from /c/<id>/m/<message id>/events:
   //   "html" - the whole answer so far, rendered and sanitized on the server (always the whole
   //            text, also after a reconnect, so we replace the text, never append);
+  //   "queued" - its place in the model's queue, while it waits (see below);
   //   "done" - the final message fragment (stats, or the failure in words, and Retry);
   //   "gone" - the conversation was deleted meanwhile.
   // Each event's id is the answer's offset; after a dropped connection the browser reconnects with
@@ -115,6 +116,19 @@
       if (text) { text.innerHTML = JSON.parse(event.data).html; }
       addCopyButtons(article);
       if (stick) { toBottom(); }
+    });
+    // "queued" - the answer waits for the model; position 1 is next in line.
+    source.addEventListener("queued", function (event) {
+      var ahead = JSON.parse(event.data).position - 1;
+      var working = article.querySelector(".working");
+      if (working) {
+        working.textContent = ahead > 0 ? "Waiting for the model: " + ahead + " ahead of you…"
+                                        : "Waiting for the model: you are next…";
+      }
+    });
+    source.addEventListener("html", function (event) {
+      var working = article.querySelector(".working");
+      if (working && working.textContent !== "Answering…") { working.textContent = "Answering…"; }
     });
     source.addEventListener("item", function (event) {
       seen = true;

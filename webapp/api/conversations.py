@@ -36,7 +36,7 @@ def create_conversation():
     data = json_body(optional=True)
     # A field that is sent must be a string; only a missing one takes the default.
     title = service.clean_text(data["title"], "title", TITLE_MAX, False) if "title" in data else ""
-    model = service.clean_model(data["model"]) if "model" in data else None
+    model = service.check_model(data["model"]) if "model" in data else None
     system_prompt = service.clean_system_prompt(data.get("system_prompt", ""))
     conversation = service.create_conversation(g.api_user, title, model, system_prompt)
     return jsonify(conversation.to_dict()), 201

@@ -22,6 +22,9 @@ def error_response(status, code, message, field=None, headers=None, **extra):
 
 @bp.errorhandler(ServiceError)
 def service_error(exc):
+    if exc.retry_after is not None:
+        return error_response(exc.status, exc.code, exc.message, exc.field,
+                              headers={"Retry-After": str(exc.retry_after)}, retry_after=exc.retry_after)
     return error_response(exc.status, exc.code, exc.message, exc.field)
 
 

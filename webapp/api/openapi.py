@@ -20,7 +20,14 @@ from ..limits import (
     SYSTEM_PROMPT_MAX,
     TITLE_MAX,
 )
+from ..service import option_rules
 from . import bp
+
+
+def options_schema(rules):
+    return {"type": "object", "additionalProperties": False, "properties": {
+        name: {"type": "number" if kind is float else "integer", "minimum": low, "maximum": high}
+        for name, (kind, low, high) in rules.items()}}
 
 
 def _ref(name):
@@ -36,7 +43,10 @@ ERRORS = {status: _json(_ref("Error"), text) for status, text in {
     "404": "Not found (or not yours)",
     "409": "An answer is already being generated (or: too many API keys)",
     "415": "The body is not `Content-Type: application/json`",
-    "429": "Too many failed sign-ins: wait `Retry-After` seconds", "422": "A field is wrong; `field` names it",
+    "429": "Too many answers: `too_many_answers` (unfinished at once, or started this minute); wait "
+           "`Retry-After` seconds",
+    "422": "A field is wrong; `field` names it (`unknown_model`: a model this server does not offer; "
+           "`invalid_field`: e.g. an option above the server's ceiling)",
     "502": "The LLM server failed", "503": "The LLM server cannot be reached", "504": "The LLM server was too slow",
 }.items()}
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": {"type": "integer"}}
@@ -48,8 +58,9 @@ line, one `data:` line of JSON and a blank line; the first event also has a `ret
 an EventSource waits before reconnecting); lines starting with `:` are heartbeats to ignore:
 
 ```
-stream  = start *( token / ping ) ( done / failed / signed_out )
+stream  = start *( queued / ping ) *( token / ping ) ( done / failed / signed_out )
 start   = [ "retry: " ms LF ] "id: " offset LF "event: start" LF "data: " StreamStart LF LF
+queued  = "event: queued" LF "data: " StreamQueued LF LF ; waiting for the model: place in line (1 = next)
 token   = "id: " offset LF "event: token"  LF "data: " StreamToken LF LF  ; the next piece of the answer
 ping    = ": ping" LF LF
 done    = "id: " offset LF "event: done"   LF "data: " TurnResult LF LF   ; status complete or cancelled
@@ -73,9 +84,10 @@ connection `error` event.)
 
 Each event's data schema is under `components/schemas`, and `x-sse-event` is the JSON Schema of one
 parsed event (`event`, `data`, `id`, and `retry` when sent), for tools that check events one by one."""
-SSE_EVENTS = {"start": "StreamStart", "token": "StreamToken", "done": "TurnResult", "failed": "TurnResult",
-              "signed_out": "StreamSignedOut"}
-SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"] + ([] if name == "signed_out" else ["id"]),
+SSE_EVENTS = {"start": "StreamStart", "queued": "StreamQueued", "token": "StreamToken", "done": "TurnResult",
+              "failed": "TurnResult", "signed_out": "StreamSignedOut"}
+NO_ID_EVENTS = ("queued", "signed_out")  # not a position in the answer: no `id:`
+SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"] + ([] if name in NO_ID_EVENTS else ["id"]),
                         "properties": {
     "event": {"const": name}, "id": {"type": "string", "pattern": "^[0-9]+$"}, "retry": {"type": "integer"},
     "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(schema)}}}
@@ -83,6 +95,9 @@ SSE_EVENT = {"oneOf": [{"type": "object", "required": ["event", "data"] + ([] if
 SSE_MEDIA = {"text/event-stream": {"schema": {"type": "string", "description": SSE_GRAMMAR},
                                    "x-sse-event": SSE_EVENT}}
 SSE = {"description": "The answer as Server-Sent Events:\n\n" + SSE_GRAMMAR, "content": SSE_MEDIA}
+MODEL = {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX,
+         "description": "a name `GET /models` lists (`llama3.2` stands for `llama3.2:latest`), or one the "
+                        "operator allows; any other is refused with 422 `unknown_model`"}
 METHOD_NOT_ALLOWED = _json(_ref("Error"), "This path does not take this method; `Allow` lists those it takes")
 METHOD_NOT_ALLOWED["headers"] = {"Allow": {"schema": {"type": "string"}, "description": "e.g. `GET, POST`"}}
 
@@ -124,6 +139,12 @@ SPEC = {
                 "request_id": {"type": "string"}, "conversation_id": {"type": "integer"},
                 "message_id": {"type": "integer"}, "user_message_id": {"type": ["integer", "null"]},
                 "model": {"type": "string"}}},
+            "StreamQueued": {"type": "object", "required": ["position"], "description":
+                             "Sent while the answer waits for a free slot at the model (the server runs at "
+                             "most `LLM_MAX_PARALLEL` answers per model at once, taking people in turn), "
+                             "each time its place changes; none when it starts at once",
+                             "properties": {"position": {"type": "integer", "minimum": 1,
+                                                         "description": "place in line: 1 = next to run"}}},
             "StreamToken": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
             "StreamSignedOut": {"type": "object", "required": ["code", "message"], "properties": {
                 "code": {"type": "string", "enum": ["signed_out", "account_disabled"]},
@@ -132,12 +153,10 @@ SPEC = {
                 "code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"},
                 "field": {"type": "string"}, "retry_after": {"type": "integer"}},
                 "required": ["code", "message", "request_id"]}}},
-            "Options": {"type": "object", "additionalProperties": False, "properties": {
-                name: {"type": "number" if kind is float else "integer", "minimum": low, "maximum": high}
-                for name, (kind, low, high) in OPTION_RULES.items()}},
+            "Options": options_schema(OPTION_RULES),  # maxima of the running configuration: see openapi()
             "ChatRequest": {"type": "object", "required": ["prompt"], "properties": {
                 "prompt": {"type": "string", "pattern": NOT_BLANK}, "conversation_id": {"type": "integer"},
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX},
+                "model": MODEL,
                 "stream": {"type": "boolean", "default": False},
                 "options": _ref("Options")}},
             "Usage": {"type": "object", "properties": {name: {"type": ["number", "null"]} for name in (
@@ -156,7 +175,8 @@ SPEC = {
                 "id": {"type": "integer"}, "role": {"type": "string", "enum": ["system", "user", "assistant"]},
                 "content": {"type": "string"},
                 "status": {"type": "string",
-                           "enum": ["pending", "streaming", "complete", "error", "cancelled", "interrupted"]},
+                           "enum": ["queued", "pending", "streaming", "complete", "error", "cancelled",
+                                    "interrupted"]},
                 "model": {"type": ["string", "null"]}, "usage": _ref("Usage")}},
             "Conversation": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "model": {"type": "string"},
@@ -179,7 +199,7 @@ SPEC = {
                         "description": "the key itself: shown this once, never stored"}}}]},
             "ConversationChange": {"type": "object", "properties": {
                 "title": {"type": "string", "pattern": NOT_BLANK, "maxLength": TITLE_MAX},
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX},
+                "model": MODEL,
                 "system_prompt": {"type": "string", "maxLength": SYSTEM_PROMPT_MAX}}},
         },
     },
@@ -240,7 +260,7 @@ SPEC = {
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
             "responses": {"200": {**_json(_ref("TurnResult")), "content": {
                 "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
-                **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
+                **_errors("400", "401", "404", "409", "415", "422", "429", "502", "503", "504")}}},
         "/conversations": {
             "get": {"operationId": "listConversations", "summary": "Your conversations, newest first", "parameters": [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
@@ -284,11 +304,11 @@ SPEC = {
         "/conversations/{conversation_id}/regenerate": {"parameters": [CONVERSATION_ID], "post": {
             "operationId": "regenerateAnswer", "summary": "Answer the last prompt again, replacing the previous answer",
             "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                "model": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
+                "model": MODEL,
                 "stream": {"type": "boolean", "default": False}, "options": _ref("Options")}}}}},
             "responses": {"200": {**_json(_ref("TurnResult")), "content": {
                 "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
-                **_errors("400", "401", "404", "409", "415", "422", "502", "503", "504")}}},
+                **_errors("400", "401", "404", "409", "415", "422", "429", "502", "503", "504")}}},
         "/conversations/{conversation_id}/messages/{message_id}": {
             "parameters": [CONVERSATION_ID, MESSAGE_ID],
             "get": {"operationId": "getMessage", "summary": "One message",
@@ -328,11 +348,15 @@ SPEC = {
 
 
 def _complete(spec):
-    """What every operation shares: 405 (with `Allow`) and the RFC 6750 challenge on 401."""
+    """What every operation shares: 405 (with `Allow`) and the RFC 6750 challenge on 401; 429s carry
+    `Retry-After`."""
     for item in spec["paths"].values():
         for method, operation in item.items():
             if method in {"get", "post", "patch", "delete", "put"}:
                 operation["responses"].setdefault("405", METHOD_NOT_ALLOWED)
+                if operation["responses"].get("429") is ERRORS["429"]:
+                    operation["responses"]["429"] = {**ERRORS["429"], "headers": {
+                        "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}
                 if "401" in operation["responses"]:
                     operation["responses"]["401"] = {**ERRORS["401"], "headers": {"WWW-Authenticate": {
                         "schema": {"type": "string"},
@@ -349,4 +373,7 @@ def openapi():
     """The description with this server's own address under `servers`, for tools that need a whole URL."""
     spec = copy.copy(SPEC)
     spec["servers"] = [{"url": request.url_root.rstrip("/"), "description": "this server"}]
+    # The options' maxima as this server enforces them (LLM_MAX_NUM_CTX, LLM_MAX_NUM_PREDICT).
+    spec["components"] = {**SPEC["components"], "schemas": {**SPEC["components"]["schemas"],
+                                                            "Options": options_schema(option_rules())}}
     return jsonify(spec)

@@ -3,7 +3,6 @@ from flask import g, jsonify
 
 from .. import service, sse, stream_auth
 from ..errors import ANSWER_ERROR_STATUS, invalid
-from ..limits import OPTION_RULES
 from . import bp
 from .errors import error_response
 from .guard import json_body, token_required
@@ -14,12 +13,12 @@ def parse_options(raw):
         return {}
     if not isinstance(raw, dict):
         raise invalid("options", "options must be an object")
-    options = {}
+    options, rules = {}, service.option_rules()  # with the operator's ceilings
     for name, value in raw.items():
         field = f"options.{name}"
-        if name not in OPTION_RULES:
+        if name not in rules:
             raise invalid(field, f"unknown option '{name}'")
-        kind, low, high = OPTION_RULES[name]
+        kind, low, high = rules[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid(field, f"{field} must be a number")
         if kind is int and not float(value).is_integer():  # 4096.0 is an integer in JSON, as in JSON Schema
@@ -90,10 +89,11 @@ def finished_response(final, prompt, user_message_id=None):
 
 
 def stream_turn(ids, prompt=None, since=0):
-    """start, token…, then done (or failed): every event's data is JSON and its `id:` is the answer's
-    character offset after it, so a client that lost the connection resumes with `Last-Event-ID`
-    (through GET …/messages/<id>/stream) exactly where it was. Used for new turns, regenerations and
-    re-attaching alike; `since` is that offset (0: replay from the first token)."""
+    """start, queued… (while waiting for the model), token…, then done (or failed): every event's
+    data is JSON and its `id:` is the answer's character offset after it, so a client that lost the
+    connection resumes with `Last-Event-ID` (through GET …/messages/<id>/stream) exactly where it
+    was. Used for new turns, regenerations and re-attaching alike; `since` is that offset (0: replay
+    from the first token)."""
     offset = since
     yield sse.event("start", ids, id=offset, retry=sse.RETRY_MS)
     watch = stream_auth.watch()
@@ -101,7 +101,9 @@ def stream_turn(ids, prompt=None, since=0):
         if not watch.still_allowed():  # signed out, token revoked or account disabled meanwhile
             yield watch.ended()
             return
-        if kind == "token":
+        if kind == "queued":  # no id: the place in line is not a position in the answer
+            yield sse.event("queued", {"position": value})
+        elif kind == "token":
             offset += len(value)
             yield sse.event("token", {"text": value}, id=offset)
         elif kind == "ping":

@@ -26,7 +26,6 @@ from .. import service
 from ..auth import api_keys, tokens
 from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError
 from ..extensions import db, llm_service
-from ..limits import OPTION_RULES
 from .guard import bearer_user
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -310,10 +309,10 @@ def _number(data, name, kind, low, high):
 
 def parse_options(data):
     """The Ollama options a request asks for (the same ranges as the app's own API)."""
-    options = {}
+    options, rules = {}, service.option_rules()  # with the operator's ceilings (LLM_MAX_NUM_PREDICT)
     for name, option in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
                          ("max_tokens", "num_predict"), ("max_completion_tokens", "num_predict")):
-        kind, low, high = OPTION_RULES[option]
+        kind, low, high = rules[option]
         value = _number(data, name, kind, low, high)
         if value is not None:
             options[option] = value

@@ -12,7 +12,7 @@ from ..extensions import db
 from ..generation import generations
 from ..limits import MAX_ID
 from ..models import FINAL_STATUSES, SOURCE_API, SOURCE_WEB, Conversation, Message, utcnow
-from .validation import as_id, clean_model, clean_system_prompt, clean_title
+from .validation import as_id, check_model, clean_system_prompt, clean_title
 
 SOURCES = (SOURCE_WEB, SOURCE_API)  # the doors a conversation can come from
 
@@ -43,7 +43,7 @@ def update_conversation(user, conversation_id, title=None, model=None, system_pr
     if title is not None:
         conversation.title = clean_title(title)
     if model is not None:
-        conversation.model = clean_model(model)
+        conversation.model = check_model(model)
     if system_prompt is not None:
         conversation.system_prompt = clean_system_prompt(system_prompt)
     conversation.updated_at = utcnow()

@@ -12,9 +12,10 @@ from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
-from ..models import COMPLETE, FINAL_STATUSES, SOURCE_API, Conversation, Message, utcnow
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, utcnow
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
-from .validation import clean_model, clean_prompt, title_from
+from .fairness import take_turn
+from .validation import check_model, check_options, clean_prompt, title_from
 
 COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
 
@@ -53,7 +54,8 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     """Save the prompt, claim the conversation, start generating; returns the Turn at once.
     `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's."""
     prompt = clean_prompt(prompt)
-    model = clean_model(model) if model is not None else None
+    model = check_model(model) if model is not None else None
+    options = check_options(options)
     if conversation_id is None:
         conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
         db.session.flush()
@@ -65,21 +67,28 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
         history = None
     model = model or conversation.model
     prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
-                                                 is_live=generations.is_live)
+                                                 is_live=generations.is_live, queued=_queue_on(),
+                                                 guard=lambda: take_turn(user))
     return _launch(conversation, prompt_message, answer, options, history)
+
+
+def _queue_on():
+    return current_app.config["LLM_MAX_PARALLEL"] > 0
 
 
 def regenerate(user, conversation_id, model=None, request_id=None, options=None):
     """Run the last turn again. The last answer (failed, stopped or fine) is replaced by the new one."""
     conversation = get_conversation(user, conversation_id)
-    model = clean_model(model) if model else conversation.model
+    model = check_model(model) if model else conversation.model
+    options = check_options(options)
     last = db.session.execute(select(Message.id, Message.role).where(Message.conversation_id == conversation.id)
                               .order_by(Message.id.desc()).limit(1)).first()
     if last is None:
         raise ServiceError(409, "nothing_to_regenerate", "this conversation has no message to answer again")
     replaces = last.id if last.role == "assistant" else None
     _, answer = answers.open_answer(conversation, model, request_id, replaces=replaces,
-                                    is_live=generations.is_live)
+                                    is_live=generations.is_live, queued=_queue_on(),
+                                    guard=lambda: take_turn(user))
     return _launch(conversation, None, answer, options, None)
 
 
@@ -91,7 +100,8 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
     out) is the start of `messages` — then only the messages past it are stored. When the stored path
     does not match (the client edited its history), a new conversation is made: nothing is lost and
     nothing is overwritten. Returns the Turn at once, as start_turn does."""
-    model = clean_model(model)
+    model = check_model(model)
+    options = check_options(options)
     prompt = clean_prompt(messages[-1]["content"])
     conversation, stored = None, 0
     if conversation_id is not None:
@@ -116,7 +126,8 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
         conversation.message_count += len(earlier)  # open_answer's claim counts on from here
         db.session.flush()
     prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
-                                                 is_live=generations.is_live)
+                                                 is_live=generations.is_live, queued=_queue_on(),
+                                                 guard=lambda: take_turn(user))
     return _launch(conversation, prompt_message, answer, options, None, context=list(messages))
 
 
@@ -140,7 +151,7 @@ def _stored_prefix(conversation, messages):
 def _launch(conversation, prompt_message, answer, options, history, context=None):
     messages = context if context is not None else build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
-              options=options or {}, request_id=answer.request_id)
+              options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
     rows = [row for row in (conversation, prompt_message, answer) if row is not None]
     for row in rows:
         db.session.expunge(row)  # keeps what was written, readable after the commit
@@ -181,6 +192,8 @@ def follow(message_id, since=0, poll=0.3, keepalive=10.0):
     """Yield ("token", text) as the answer grows past `since` characters, then ("done", Message)
     once it is final. `since` is where the caller already is (an SSE `Last-Event-ID`: the answer's
     character offset), so a resumed stream neither repeats nor loses a character; 0 replays it all.
+    While the answer waits in the model's queue, ("queued", place) each time its place in line
+    changes (1 = next to run; read from the row when it is generated on another worker).
 
     Tokens come from this process's live generation when it is here. Elsewhere they are pushed
     (PostgreSQL LISTEN/NOTIFY, webapp/push.py: the generating worker publishes deltas, batched per
@@ -200,11 +213,14 @@ def follow(message_id, since=0, poll=0.3, keepalive=10.0):
 
 def _follow(message_id, sent, poll, keepalive, subscription):
     idle_since, read_row, announced, last_read = time.monotonic(), True, False, 0.0
-    last_news = last_read
+    last_news, place = last_read, None
     while True:
         live = generations.get(message_id)
         text, finished, offset = None, False, 0
         if live is not None:
+            if live.position is not None and live.position != place:
+                place = live.position
+                yield "queued", place
             live.wait(sent, timeout=poll)
             if not live.done and len(live.text) > sent:
                 time.sleep(COALESCE_SECONDS)  # a few tokens per event, not one wake-up per token
@@ -226,6 +242,11 @@ def _follow(message_id, sent, poll, keepalive, subscription):
                 return
             if answers.interrupt_if_orphaned(message, generations.is_live):
                 message = _fresh_message(message_id)
+            if message.status == QUEUED:  # generated on another worker: read its place in line
+                now = answers.place_in_line(message_id, message.model)
+                if now is not None and now != place:
+                    place = now
+                    yield "queued", place
             text, finished, offset = message.content, message.status in FINAL_STATUSES, 0
             if subscription is not None and not finished and not announced:
                 subscription.announce()  # the generating worker starts publishing from offset 0

@@ -29,6 +29,7 @@ FRIENDLY_ERRORS = {
     "model_not_found": "That model isn't installed on the model server (try `ollama pull`).",
     "upstream_error": "The model server failed while answering.",
     "interrupted": "The server restarted while answering; the text so far is kept.",
+    "queue_timeout": "The model was busy with other people's answers for too long. Try again in a while.",
     "internal_error": "Something went wrong on our side.",
 }
 
@@ -235,6 +236,8 @@ def answer_frames(message_id, conversation_id, since=0):
         if not watch.still_allowed():  # this browser's session ended, or the account was disabled
             yield watch.ended()
             return
+        if kind == "queued":  # waiting for the model: app.js shows "N ahead of you"
+            yield sse.event("queued", {"position": value})
         if kind == "token":
             text += value
         if kind in ("token", "idle") and text != rendered and time.monotonic() - last_render >= RENDER_INTERVAL:
