@@ -320,10 +320,10 @@ SPEC = {
                                "then follow it to the end",
                     "parameters": [
                         {"name": "Last-Event-ID", "in": "header", "required": False,
-                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                         "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
                          "description": "the `id` of the last event received: resume right after it"},
                         {"name": "last_event_id", "in": "query", "required": False,
-                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                         "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
                          "description": "the same, for clients that cannot set headers (the header wins)"}],
                     "responses": {"200": SSE,
                                   "204": {"description": "`Last-Event-ID` is already at the end of a finished "
