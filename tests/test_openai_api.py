@@ -201,6 +201,26 @@ def test_the_model_server_failing_is_a_server_error(client, key, ollama):
     assert response.status_code == 502 and shape(response)["type"] == "server_error"
 
 
+def test_v1_takes_the_same_model_names_as_every_door(make_app, ollama):
+    """The server's list plus ALLOWED_MODELS; with the model server down, only the allow-list and
+    the default model (never any name at all)."""
+    from helpers import login_token, make_user
+    listed = make_app(ALLOWED_MODELS=["extra-model"])
+    make_user(listed)
+    client = listed.test_client()
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
+    ask(client, auth, model="extra-model")  # allowed: it reaches the model server (which says no)
+    assert any(r["model"] == "extra-model" for r in ollama.chat_requests)
+    refused = ask(client, auth, model="nonesuch")
+    assert refused.status_code == 404 and shape(refused)["code"] == "model_not_found"
+    assert not any(r["model"] == "nonesuch" for r in ollama.chat_requests)
+    down = make_app(OLLAMA_URL="http://127.0.0.1:9").test_client()
+    auth = {"Authorization": f"Bearer {login_token(down)}"}
+    assert shape(ask(down, auth, model="tinyllama"))["type"] == "server_error"  # the default: tried
+    refused = ask(down, auth, model="llama3.2")
+    assert refused.status_code == 404 and shape(refused)["code"] == "model_not_found"
+
+
 def test_models_list_and_get(client, key, auth):
     for credentials in (key, auth):  # an API key or a bearer token from /auth/login
         body = client.get("/v1/models", headers=credentials).get_json()

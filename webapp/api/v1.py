@@ -201,11 +201,9 @@ def _resolve(model, names):
 
 
 def _check_model(model):
-    try:
-        names = _models()
-    except LLMError:
-        return  # the model server is down: the call itself will say so
-    if _resolve(model, names) is None:
+    """The same names as every other door (the server's list plus ALLOWED_MODELS; while the server is
+    down, ALLOWED_MODELS and DEFAULT_MODEL), refused the way OpenAI refuses an unknown model."""
+    if _resolve(model, service.known_models()) is None:
         raise OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                           code="model_not_found", param="model")
 
