@@ -57,20 +57,29 @@ def register_cli(app):
 
     @app.cli.command("set-limits")
     @click.argument("username")
+    @click.option("--key", "key_prefix", default=None,
+                  help="Set the limits of this person's API key with this prefix (llmk_…), not the person's.")
     @click.option("--max-running", type=str, default=None,
                   help="Unfinished answers at once (queued ones count); 0 = no limit, 'default' = USER_MAX_RUNNING.")
     @click.option("--per-minute", type=str, default=None,
                   help="Answers started per minute; 0 = no limit, 'default' = USER_MAX_PER_MINUTE.")
-    def set_limits_command(username, max_running, per_minute):
-        """Override one person's answer limits (until run-time settings arrive, this is where)."""
+    def set_limits_command(username, key_prefix, max_running, per_minute):
+        """Override one person's (or one of their API keys') answer limits (until run-time settings
+        arrive, this is where)."""
         from .extensions import db
         user = find_user(username)
         if user is None:
             raise click.ClickException(f"no user named '{username.strip().lower()}'")
+        target = user if key_prefix is None else _key_of(user, key_prefix)
         for column, value in (("max_running", max_running), ("max_per_minute", per_minute)):
             if value is not None:
-                setattr(user, column, _limit_value(value))
+                setattr(target, column, _limit_value(value))
         db.session.commit()
+        if key_prefix is not None:
+            click.echo(f"limits of key {target.prefix}… of '{user.username}': max running "
+                       f"{target.max_running if target.max_running is not None else 'the person’s'}, per minute "
+                       f"{target.max_per_minute if target.max_per_minute is not None else 'the person’s'}")
+            return
         config = app.config
 
         def shown(value, default):
@@ -78,6 +87,19 @@ def register_cli(app):
         click.echo(f"limits of '{user.username}': max running "
                    f"{shown(user.max_running, config['USER_MAX_RUNNING'])}, per minute "
                    f"{shown(user.max_per_minute, config['USER_MAX_PER_MINUTE'])} (0 = no limit)")
+
+
+def _key_of(user, prefix):
+    from sqlalchemy import select
+
+    from .extensions import db
+    from .models import ApiKey
+    keys = db.session.scalars(select(ApiKey).where(ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None),
+                                                   ApiKey.prefix.startswith(prefix.strip(), autoescape=True))).all()
+    if len(keys) != 1:
+        raise click.ClickException(f"'{user.username}' has {len(keys) or 'no'} live keys starting '{prefix}'"
+                                   + ("; give more of the prefix" if keys else ""))
+    return keys[0]
 
 
 def _limit_value(value):

@@ -278,6 +278,10 @@ class ApiKey(db.Model):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # at most once a minute
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # An admin's per-key answer limits (`flask set-limits NAME --key PREFIX`): when set, they apply to
+    # calls made with this key instead of the person's own (None: the person's).
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     def to_dict(self):
         return {

@@ -202,3 +202,28 @@ def test_set_limits_command(app, fresh_db):
     assert "max running default (2)" in result.stdout and "per minute 0" in result.stdout
     assert flask("set-limits", "alice", "--per-minute", "-1").returncode != 0
     assert "no user named 'nobody'" in flask("set-limits", "nobody", "--per-minute", "1").stderr
+
+
+def test_an_api_key_can_be_held_to_limits_of_its_own(app, fresh_db, ollama):
+    """`flask set-limits NAME --key PREFIX`: calls made with that key meet the key's limits; the
+    person's own sign-in (and their other keys) keep the person's."""
+    import os
+    make_user(app)
+    client = app.test_client()
+    token = {"Authorization": "Bearer " + client.post(
+        "/auth/login", data={"username": "alice", "password": PASSWORD}).get_json()["access_token"]}
+    made = client.post("/auth/keys", json={"name": "ci bot"}, headers=token).get_json()
+    bot = {"Authorization": "Bearer " + made["key"]}
+    env = {**os.environ, "FLASK_APP": "webapp", "DATABASE_URL": app.config["SQLALCHEMY_DATABASE_URI"]}
+    result = subprocess.run([sys.executable, "-m", "flask", "set-limits", "alice", "--key", made["prefix"],
+                             "--per-minute", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "per minute 1" in result.stdout
+    ollama.script(reply="ok")
+    assert client.post("/chat/", json={"prompt": "one"}, headers=bot).status_code == 200
+    refused = client.post("/chat/", json={"prompt": "two"}, headers=bot)
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "too_many_answers"
+    assert client.post("/chat/", json={"prompt": "three"}, headers=token).status_code == 200  # the person's own
+    assert "live keys starting" in subprocess.run(
+        [sys.executable, "-m", "flask", "set-limits", "alice", "--key", "llmk_nope", "--per-minute", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stderr

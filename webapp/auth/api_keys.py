@@ -126,4 +126,5 @@ def verify(key):
         db.session.execute(update(ApiKey).where(ApiKey.id == record.id).values(last_used_at=now))
         db.session.commit()
     g.api_key_id = record.id
+    g.api_key_limits = (record.max_running, record.max_per_minute)  # see service/fairness.limits_of
     return user

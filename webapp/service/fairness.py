@@ -13,7 +13,7 @@ import hashlib
 import math
 import time
 
-from flask import current_app
+from flask import current_app, g, has_request_context
 from sqlalchemy import delete, func, insert, select
 
 from .. import answers
@@ -28,11 +28,19 @@ HITS = RateLimitHit.__table__
 
 
 def limits_of(user):
-    """(max unfinished answers, max started per minute) for this person; 0 = no limit."""
+    """(max unfinished answers, max started per minute) for this call; 0 = no limit. The first that
+    is set wins: the API key's override (a call made with a personal key), the person's, the
+    configured default. The counts stay the person's: a key can be held tighter, never escape them
+    by being several keys."""
     config = current_app.config
-    running = user.max_running if user.max_running is not None else config["USER_MAX_RUNNING"]
-    per_minute = user.max_per_minute if user.max_per_minute is not None else config["USER_MAX_PER_MINUTE"]
+    key_running, key_per_minute = (g.get("api_key_limits") or (None, None)) if has_request_context() else (None, None)
+    running = _first(key_running, user.max_running, config["USER_MAX_RUNNING"])
+    per_minute = _first(key_per_minute, user.max_per_minute, config["USER_MAX_PER_MINUTE"])
     return max(0, running), max(0, per_minute)
+
+
+def _first(*values):
+    return next(value for value in values if value is not None)
 
 
 def _key(user_id):
