@@ -75,3 +75,20 @@ def test_create_user_prompts_twice_without_echo_at_a_terminal(app, database_url)
     assert os.waitstatus_to_exitcode(status) == 0
     assert b"created user 'frank'" in output
     assert b"terminal secret" not in output  # never echoed
+
+
+def test_flask_commands_work_from_the_project_root_without_flask_app(tmp_path):
+    """The README prints `flask db upgrade` and `flask create-user`: a plain shell has no FLASK_APP."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "FLASK_APP"}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'plain.db'}"
+    flask = [sys.executable, "-m", "flask"]
+    root = Path(__file__).resolve().parent.parent
+    upgrade = subprocess.run(flask + ["db", "upgrade"], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert upgrade.returncode == 0, upgrade.stderr
+    made = subprocess.run(flask + ["create-user", "root-user", "--admin"], cwd=root, env=env, input="long password 1\n",
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and "created user 'root-user' (admin)" in made.stdout, made.stderr
