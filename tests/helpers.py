@@ -77,7 +77,7 @@ def htmx(browser):
 
 
 def send(browser, prompt, conversation_id=None, **headers):
-    path = f"/c/{conversation_id}/messages" if conversation_id else "/chat"
+    path = f"/c/{conversation_id}/messages" if conversation_id else "/c/new"
     return browser.post(path, data={"prompt": prompt, "csrf_token": browser.csrf}, headers=headers)
 
 

@@ -135,6 +135,9 @@ def test_openapi_core_finds_every_operations_real_answers_valid(make_app, ollama
     streamed = check(chat, client.post("/chat/", json={"prompt": "again", "conversation_id": cid, "stream": True},
                                        headers=auth), 200)
     assert [name for name, _ in streamed].count("token") >= 1
+    without_slash = ("/chat", "post")  # a JSON client that drops the slash gets the API, not a page
+    check(without_slash, client.post("/chat", json={"prompt": "hi"}), 401)
+    check(without_slash, client.post("/chat", json={"prompt": "no slash", "conversation_id": cid}, headers=auth), 200)
 
     conversations = ("/conversations", "get")
     listed = check(conversations, client.get("/conversations?limit=1", headers=auth), 200)

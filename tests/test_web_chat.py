@@ -175,12 +175,12 @@ def test_a_model_the_server_does_not_offer_is_told_in_words_in_the_composer(brow
     page = browser.get("/?new=1").get_data(as_text=True)
     assert "tinyllama:latest" in page
     token = csrf_of(browser, "/?new=1")
-    response = browser.post("/chat", data={"prompt": "hi", "model": "no-such-model", "csrf_token": token})
+    response = browser.post("/c/new", data={"prompt": "hi", "model": "no-such-model", "csrf_token": token})
     assert response.status_code == 422
     html = response.get_data(as_text=True)
     assert "not a model this server offers" in html and 'id="composer-error"' in html
     assert ">hi</textarea>" in html  # what was typed is kept
-    response = browser.post("/chat", data={"prompt": "hi", "model": "no-such-model", "csrf_token": token},
+    response = browser.post("/c/new", data={"prompt": "hi", "model": "no-such-model", "csrf_token": token},
                             headers={"HX-Request": "true"})
     assert response.headers["HX-Retarget"] == "#composer-error"
     assert "not a model this server offers" in response.get_data(as_text=True)
@@ -205,9 +205,9 @@ def test_too_long_prompt_keeps_the_draft(make_app, ollama):
 
 
 def test_csrf_failure_is_a_friendly_page_and_fragment(browser):
-    page = browser.post("/chat", data={"prompt": "no token"})
+    page = browser.post("/c/new", data={"prompt": "no token"})
     assert page.status_code == 400 and "Reload the page" in page.get_data(as_text=True)
-    fragment = browser.post("/chat", data={"prompt": "no token"}, headers={"HX-Request": "true"})
+    fragment = browser.post("/c/new", data={"prompt": "no token"}, headers={"HX-Request": "true"})
     assert fragment.status_code == 400 and fragment.content_type.startswith("text/plain")
     assert "expired" in fragment.get_data(as_text=True)
 

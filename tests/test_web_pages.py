@@ -37,9 +37,9 @@ def test_csrf_is_required(client, user):
     response = client.post("/login", data={"username": "alice", "password": PASSWORD})
     assert response.status_code == 400
     signed_in = sign_in(client)
-    assert client.post("/chat", data={"prompt": "hi"}).status_code == 400
-    assert client.post("/chat", data={"prompt": "hi"}, headers={"X-CSRFToken": "forged"}).status_code == 400
-    assert client.post("/chat", data={"prompt": "hi"}, headers={"HX-Request": "true", "X-CSRFToken": signed_in}
+    assert client.post("/c/new", data={"prompt": "hi"}).status_code == 400
+    assert client.post("/c/new", data={"prompt": "hi"}, headers={"X-CSRFToken": "forged"}).status_code == 400
+    assert client.post("/c/new", data={"prompt": "hi"}, headers={"HX-Request": "true", "X-CSRFToken": signed_in}
                        ).status_code == 204
 
 

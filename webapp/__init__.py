@@ -17,7 +17,7 @@ from .logs import init_request_ids, setup_logging
 
 # URLs that belong to the JSON API even when they match no route (404/405 at routing): kept here,
 # next to the blueprint registrations, so a new API route's prefix is added where it is mounted.
-API_PREFIXES = ("/auth/", "/chat/", "/conversations", "/models", "/health", "/ready", "/openapi.json", "/v1")
+API_PREFIXES = ("/auth/", "/chat", "/conversations", "/models", "/health", "/ready", "/openapi.json", "/v1")
 OPENAI_PREFIX = "/v1"  # the OpenAI-compatible door (webapp/api/v1.py): OpenAI's error shape, even unmatched
 
 

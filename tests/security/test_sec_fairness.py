@@ -86,7 +86,7 @@ def test_at_most_per_minute_answers_per_person_under_a_parallel_burst(app, fresh
     # Pages: the same limit, in words above the composer.
     browser, _ = page_sign_in(limited.url, "alice", PASSWORD)
     token = csrf(browser, limited.url + "/?new=1")
-    page = browser.post(limited.url + "/chat", data={"prompt": "one more", "csrf_token": token})
+    page = browser.post(limited.url + "/c/new", data={"prompt": "one more", "csrf_token": token})
     assert page.status_code == 429 and "answers a minute" in page.text and 'id="composer-error"' in page.text
 
 
@@ -145,7 +145,7 @@ def test_unknown_models_are_refused_on_every_door(app, fresh_db, ollama, limited
     # Pages: the picker's value, on a new chat and in a conversation.
     browser, _ = page_sign_in(base, "alice", PASSWORD)
     token = csrf(browser, base + "/?new=1")
-    for url in ("/chat", f"/c/{conversation_id}/messages"):
+    for url in ("/c/new", f"/c/{conversation_id}/messages"):
         page = browser.post(base + url, data={"prompt": "hi", "model": name, "csrf_token": token})
         assert page.status_code == 422 and "not a model this server offers" in page.text
     assert len(ollama.chat_requests) == 1 and ollama.chat_requests[0]["model"] == "llama3.2"

@@ -64,7 +64,7 @@ def test_a_page_stream_ends_when_the_account_signs_out_everywhere_elsewhere(app,
     ollama.script(**LONG_ANSWER)
     base = live_server.url
     browser, _ = page_sign_in(base, "alice", PASSWORD)
-    page = browser.post(base + "/chat", data={"prompt": "talk", "csrf_token": csrf(browser, base + "/")},
+    page = browser.post(base + "/c/new", data={"prompt": "talk", "csrf_token": csrf(browser, base + "/")},
                         timeout=10)
     stream_url = re.search(r'data-stream-url="([^"]+)"', page.text).group(1)
     response = browser.get(base + stream_url, stream=True, timeout=(5, 15))

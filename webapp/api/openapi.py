@@ -345,6 +345,11 @@ SPEC = {
     },
 }
 
+# POST /chat answers exactly as POST /chat/ does, so a JSON client that drops the slash never lands on
+# a page (the page's new-chat form posts to /c/new).
+SPEC["paths"]["/chat"] = {"post": {**SPEC["paths"]["/chat/"]["post"], "operationId": "chatWithoutSlash",
+                                   "summary": "The same as POST /chat/ (without the trailing slash)"}}
+
 
 
 def _complete(spec):

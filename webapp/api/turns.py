@@ -62,6 +62,7 @@ def stream_ids(conversation_id, message_id, model, user_message_id=None):
 
 
 @bp.post("/chat/")
+@bp.post("/chat", endpoint="chat_turn_without_slash")  # a JSON client never lands on a page
 @token_required
 def chat_turn():
     data = json_body()

@@ -147,7 +147,7 @@ def status():
 
 # ---- a turn ----------------------------------------------------------------------------------------
 
-@bp.post("/chat")
+@bp.post("/c/new")
 @login_required
 def new_chat():
     """The first message of a new conversation: a new page (sidebar, header, URL)."""
