@@ -165,6 +165,20 @@ def chromium():
 
 
 @pytest.fixture
+def servers(app, ollama, database_url):
+    """Start gunicorn servers (as shipped) on the test database; all are stopped at the end."""
+    started = []
+
+    def start(**env):
+        server = LiveServer(database_url, ollama.url, **env).start()
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def server(app, ollama, database_url):
     make_user(app)
     live = LiveServer(database_url, ollama.url, workers=2).start()

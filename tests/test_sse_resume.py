@@ -15,24 +15,11 @@ import requests
 from httpx_sse import connect_sse
 
 from helpers import PASSWORD, both_databases, make_user, page_sign_in
-from live import LiveServer, login, sse_events
+from live import login, sse_events
 
 NODE_DIR = Path(__file__).resolve().parent / "sse_node"
 WORDS = [f"w{n} " for n in range(40)]
 REPLY = "".join(WORDS)
-
-
-@pytest.fixture
-def servers(app, ollama, database_url):
-    started = []
-
-    def start(**env):
-        server = LiveServer(database_url, ollama.url, **env).start()
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture

@@ -5,25 +5,11 @@ import pytest
 import requests
 
 from helpers import PASSWORD, both_databases, make_user
-from live import LiveServer, login, sse_events
+from live import login, sse_events
 
 pytestmark = both_databases
 
 REPLY = "one two three four five six seven eight nine ten eleven twelve"
-
-
-@pytest.fixture
-def servers(app, ollama, database_url):
-    """Start gunicorn servers on the test database; all are stopped at the end."""
-    started = []
-
-    def start(**env):
-        server = LiveServer(database_url, ollama.url, **env).start()
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture
