@@ -126,11 +126,7 @@ def _register_error_handlers(app):
             return v1.http_error_response(exc)
         if errors.is_api_request():
             return api_errors.http_error(exc)
-        response = make_response(web_errors.http_error_page(exc))
-        for name, value in exc.get_headers():  # e.g. Allow on 405, as RFC 9110 asks
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
+        return errors.with_http_headers(make_response(web_errors.http_error_page(exc)), exc)
 
     @app.errorhandler(Exception)
     def unexpected(exc):

@@ -21,7 +21,8 @@ from flask import request
 from . import llm
 from .llm import LLMError  # the model server's refusals: rendered by each door like ServiceError
 
-__all__ = ["ANSWER_ERROR_STATUS", "LLMError", "ServiceError", "not_found", "invalid", "init_app", "is_api_request"]
+__all__ = ["ANSWER_ERROR_STATUS", "LLMError", "ServiceError", "not_found", "invalid", "init_app", "is_api_request",
+           "with_http_headers"]
 
 # A failed answer's saved error code -> the API's status for it: the model server's own errors keep
 # the status their class carries; a worker that died is "unavailable", a bug is a 500.
@@ -44,6 +45,15 @@ class ServiceError(Exception):
     @property
     def headers(self):
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+
+
+def with_http_headers(response, exc):
+    """An HTTP error's own headers on whichever door's answer renders it (e.g. Allow on 405, as
+    RFC 9110 asks), but never its content type: each door sets its own."""
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def not_found(what, field=None):

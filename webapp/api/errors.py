@@ -4,7 +4,7 @@ right status. Registered on the API blueprint, so every refusal raised in an API
 from flask import g, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import LLMError, ServiceError
+from ..errors import LLMError, ServiceError, with_http_headers
 from . import bp
 
 
@@ -35,12 +35,8 @@ def llm_error(exc):
 
 def http_error(exc: HTTPException):
     """404/405/413… as JSON (also for unmatched URLs under an API prefix; see webapp/errors.py)."""
-    response = error_response(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
-                              exc.description or exc.name)
-    for name, value in exc.get_headers():  # e.g. Allow on 405, as RFC 9110 asks
-        if name.lower() != "content-type":
-            response.headers[name] = value
-    return response
+    return with_http_headers(error_response(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
+                                            exc.description or exc.name), exc)
 
 
 def internal_error():

@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import service
 from ..auth import api_keys, tokens
-from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError
+from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError, with_http_headers
 from ..extensions import db, llm_service
 from .guard import bearer_user
 
@@ -136,11 +136,7 @@ def http_error_response(exc):
     status = exc.code or 500
     type_ = "invalid_request_error" if status < 500 else "server_error"
     code = "unknown_url" if status == 404 else (exc.name or "error").lower().replace(" ", "_")
-    response = error_response(OpenAIError(status, exc.description or exc.name, type_, code))
-    for name, value in exc.get_headers():
-        if name.lower() != "content-type":
-            response.headers[name] = value
-    return response
+    return with_http_headers(error_response(OpenAIError(status, exc.description or exc.name, type_, code)), exc)
 
 
 @bp.errorhandler(Exception)
