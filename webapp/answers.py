@@ -13,6 +13,7 @@ It knows nothing of threads, generators or requests. "Is this answer being gener
 right now?" is asked through `is_live`, a callable handed in by whoever runs generations (see
 webapp/generation.py), so this module never imports them.
 """
+import functools
 import logging
 import time
 from collections import Counter
@@ -38,6 +39,27 @@ from .models import (
 )
 
 log = logging.getLogger(__name__)
+# The tables themselves, for the statements every answer runs: a Core UPDATE skips the ORM's bulk
+# machinery (resolving attributes, syncing the identity map), which costs more than the statement,
+# and the statements of every turn are built once (building and keying one costs as much as the
+# database's work on it); parameters are named b_* (a column's own name is reserved in SET).
+MESSAGES, CONVERSATIONS = Message.__table__, Conversation.__table__
+_CLAIM = update(CONVERSATIONS).where(
+    CONVERSATIONS.c.id == bindparam("b_conversation_id"), CONVERSATIONS.c.active_message_id.is_(None)).values(
+    active_message_id=bindparam("b_answer_id"), message_count=bindparam("b_message_count"),
+    updated_at=bindparam("b_now"))
+_RELEASE_WHERE = (CONVERSATIONS.c.id == bindparam("b_conversation_id"),
+                  CONVERSATIONS.c.active_message_id == bindparam("b_message_id"))
+_RELEASE = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message_id=None)
+_RELEASE_AT = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message_id=None,
+                                                                  updated_at=bindparam("b_now"))
+
+
+@functools.cache
+def _finish_statement(columns):
+    """UPDATE messages SET <columns> WHERE id = :b_message_id, one per set of column names."""
+    return update(MESSAGES).where(MESSAGES.c.id == bindparam("b_message_id")).values(
+        {name: bindparam("b_" + name) for name in columns})
 INTERRUPTED_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
 SAVE_ATTEMPTS = 3
 
@@ -86,9 +108,8 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
 
 
 def _claim(conversation_id, answer_id, message_count, now):
-    return db.session.execute(update(Conversation).where(
-        Conversation.id == conversation_id, Conversation.active_message_id.is_(None)).values(
-        active_message_id=answer_id, message_count=message_count, updated_at=now)).rowcount == 1
+    return db.session.execute(_CLAIM, {"b_conversation_id": conversation_id, "b_answer_id": answer_id,
+                                       "b_message_count": message_count, "b_now": now}).rowcount == 1
 
 
 # ---- the queue in front of the model ----------------------------------------------------------------
@@ -188,7 +209,7 @@ def flush(texts):
 
 def beat(message_ids):
     """The generating worker is alive: one statement for all its answers."""
-    db.session.execute(update(Message).where(Message.id.in_(message_ids), Message.status.in_(ACTIVE_STATUSES))
+    db.session.execute(update(MESSAGES).where(MESSAGES.c.id.in_(message_ids), MESSAGES.c.status.in_(ACTIVE_STATUSES))
                        .values(heartbeat_at=utcnow()))
     db.session.commit()
 
@@ -201,7 +222,8 @@ def request_cancel(message_id):
 
 def cancel_requested(message_ids):
     """Which of these answers someone asked to stop, or deleted (read without holding the connection)."""
-    rows = db.session.execute(select(Message.id, Message.cancel_requested).where(Message.id.in_(message_ids))).all()
+    rows = db.session.execute(select(MESSAGES.c.id, MESSAGES.c.cancel_requested)
+                              .where(MESSAGES.c.id.in_(message_ids))).all()
     db.session.rollback()
     existing = {message_id: flagged for message_id, flagged in rows}
     return [message_id for message_id in message_ids if existing.get(message_id, True)]
@@ -211,20 +233,24 @@ def cancel_requested(message_ids):
 
 def finish(message_id, conversation_id, status, text, code=None, error=None, usage=None):
     """The final write: the answer's outcome and the conversation's busy flag, in one transaction,
-    retried a few times so a database hiccup does not leave the answer 'streaming'."""
+    retried a few times so a database hiccup does not leave the answer 'streaming'. Returns 1 when
+    the answer was saved, 0 when its row is gone (the conversation was deleted), None when every
+    attempt failed."""
     now = utcnow()
     for attempt in range(1, SAVE_ATTEMPTS + 1):
         try:
-            db.session.execute(update(Message).where(Message.id == message_id).values(
-                content=text, status=status, error_code=code, error=error, heartbeat_at=now, **(usage or {})))
-            _release(conversation_id, message_id, updated_at=now)
+            values = {"content": text, "status": status, "error_code": code, "error": error, "heartbeat_at": now,
+                      **(usage or {})}
+            saved = db.session.execute(_finish_statement(tuple(values)), {
+                "b_message_id": message_id, **{"b_" + name: value for name, value in values.items()}}).rowcount
+            _release(conversation_id, message_id, now)
             db.session.commit()
-            return True
+            return saved
         except Exception:
             db.session.rollback()
             log.exception("saving message %s failed (attempt %d)", message_id, attempt)
             time.sleep(0.5 * attempt)
-    return False
+    return None
 
 
 def interrupted(message_id, conversation_id, text):
@@ -232,10 +258,13 @@ def interrupted(message_id, conversation_id, text):
     return finish(message_id, conversation_id, INTERRUPTED, text, "interrupted", INTERRUPTED_MESSAGE)
 
 
-def _release(conversation_id, message_id, **values):
-    db.session.execute(update(Conversation).where(Conversation.id == conversation_id,
-                                                  Conversation.active_message_id == message_id)
-                       .values(active_message_id=None, **values))
+def _release(conversation_id, message_id, now=None):
+    """Free the conversation for its next turn (and mark it updated `now`, if given)."""
+    params = {"b_conversation_id": conversation_id, "b_message_id": message_id}
+    if now is None:
+        db.session.execute(_RELEASE, params)
+    else:
+        db.session.execute(_RELEASE_AT, {**params, "b_now": now})
 
 
 # ---- answers orphaned by a dead worker ---------------------------------------------------------------

@@ -132,7 +132,8 @@ def load_config():
         "REMEMBER_COOKIE_SAMESITE": "Lax",
         "REMEMBER_COOKIE_NAME": "remember_token",
         "WTF_CSRF_TIME_LIMIT": None,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # No pool_pre_ping (a round trip per checkout): webapp/db_ping.py checks idle connections only.
+        "SQLALCHEMY_ENGINE_OPTIONS": {},
         # The database connection budget of each worker process (see webapp/capacity.py): a request
         # that cannot get a connection within DB_POOL_TIMEOUT seconds is answered 503 + Retry-After.
         "DB_POOL_SIZE": _int("DB_POOL_SIZE", 10),

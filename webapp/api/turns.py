@@ -67,12 +67,13 @@ def stream_ids(conversation_id, message_id, model, user_message_id=None):
 def chat_turn():
     data = json_body()
     conversation_id, stream, options = parse_turn_request(data)
+    # Not streamed: the request generates the answer itself (service.answer_here), no hand-off.
     turn = service.start_turn(g.api_user, data.get("prompt"), conversation_id, data.get("model"),
-                              g.request_id, options)
+                              g.request_id, options, run_here=not stream)
     if stream:
         ids = stream_ids(turn.conversation_id, turn.message_id, turn.model, turn.user_message_id)
         return sse.response(stream_turn(ids, turn.prompt))
-    return finished_response(service.wait_final(turn.message_id), turn.prompt, turn.user_message_id)
+    return finished_response(service.answer_here(turn), turn.prompt, turn.user_message_id)
 
 
 def finished_response(final, prompt, user_message_id=None):

@@ -27,6 +27,7 @@ class Turn:
     conversation: Conversation
     user_message: Message | None
     answer: Message
+    job: Job | None = None  # the generation still to run, for a turn started with run_here (answer_here)
 
     @property
     def conversation_id(self):
@@ -50,9 +51,10 @@ class Turn:
 
 
 def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, options=None,
-               keep_model=False):
+               keep_model=False, run_here=False):
     """Save the prompt, claim the conversation, start generating; returns the Turn at once.
-    `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's."""
+    `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's.
+    `run_here`: do not start the generation; the caller runs it with answer_here(turn)."""
     prompt = clean_prompt(prompt)
     model = check_model(model) if model is not None else None
     options = check_options(options)
@@ -69,14 +71,14 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
                                                  is_live=generations.is_live, queued=_queue_on(),
                                                  guard=lambda: take_turn(user))
-    return _launch(conversation, prompt_message, answer, options, history)
+    return _launch(conversation, prompt_message, answer, options, history, run_here=run_here)
 
 
 def _queue_on():
     return current_app.config["LLM_MAX_PARALLEL"] > 0
 
 
-def regenerate(user, conversation_id, model=None, request_id=None, options=None):
+def regenerate(user, conversation_id, model=None, request_id=None, options=None, run_here=False):
     """Run the last turn again. The last answer (failed, stopped or fine) is replaced by the new one."""
     conversation = get_conversation(user, conversation_id)
     model = check_model(model) if model else conversation.model
@@ -89,7 +91,7 @@ def regenerate(user, conversation_id, model=None, request_id=None, options=None)
     _, answer = answers.open_answer(conversation, model, request_id, replaces=replaces,
                                     is_live=generations.is_live, queued=_queue_on(),
                                     guard=lambda: take_turn(user))
-    return _launch(conversation, None, answer, options, None)
+    return _launch(conversation, None, answer, options, None, run_here=run_here)
 
 
 def start_exchange(user, messages, conversation_id=None, model=None, request_id=None, options=None):
@@ -148,7 +150,7 @@ def _stored_prefix(conversation, messages):
     return len(path)
 
 
-def _launch(conversation, prompt_message, answer, options, history, context=None):
+def _launch(conversation, prompt_message, answer, options, history, context=None, run_here=False):
     messages = context if context is not None else build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
               options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
@@ -156,8 +158,34 @@ def _launch(conversation, prompt_message, answer, options, history, context=None
     for row in rows:
         db.session.expunge(row)  # keeps what was written, readable after the commit
     db.session.commit()  # the prompt is safe before the LLM is called, and no connection is held after
+    if run_here:
+        return Turn(conversation, prompt_message, answer, job)
     generations.launch(job, llm_service.client)
     return Turn(conversation, prompt_message, answer)
+
+
+def answer_here(turn):
+    """Generate a turn started with `run_here` in the calling request, and return its answer as
+    saved (the Turn's own copy, updated), or None when its conversation was deleted meanwhile.
+
+    For a caller that waits for the whole answer anyway (the non-streaming API), this is the same
+    generation as a background one, registered the same way (Stop, followers, heartbeats, orphan
+    handling and shutdown see it) and saved by the same final write, but without a task to start,
+    a hand-off at its end and a re-read of the row. The answer still belongs to the server: a
+    client that hangs up does not stop the request's work (gunicorn finishes it), and the answer is
+    saved whole."""
+    generation = generations.run_here(turn.job, llm_service.client)
+    if generation.saved is None:  # the final save failed: report what the database holds
+        return _fresh_message(turn.message_id)
+    if not generation.saved:
+        return None
+    answer = turn.answer
+    # What the final write stored (SafeText turns NUL into U+FFFD in the database).
+    answer.content = generation.live.text.replace("\x00", "\ufffd")
+    answer.status, answer.error_code, answer.error = generation.status, generation.code, generation.error
+    for name, value in generation.usage().items():
+        setattr(answer, name, value)
+    return answer
 
 
 def build_context(conversation, answer_id, history=None, prompt_message=None):
