@@ -20,7 +20,7 @@ from collections import Counter
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import bindparam, delete, or_, select, text, update
+from sqlalchemy import bindparam, delete, insert, or_, select, text, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
@@ -35,15 +35,20 @@ from .models import (
     STREAMING,
     Conversation,
     Message,
+    stored_text,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
-# The tables themselves, for the statements every answer runs: a Core UPDATE skips the ORM's bulk
-# machinery (resolving attributes, syncing the identity map), which costs more than the statement,
-# and the statements of every turn are built once (building and keying one costs as much as the
-# database's work on it); parameters are named b_* (a column's own name is reserved in SET).
+INTERRUPTED_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
+SAVE_ATTEMPTS = 3
+
+# The tables themselves, for the statements every answer runs: Core skips the ORM's unit of work and
+# bulk machinery (resolving attributes, syncing the identity map), which cost more than the
+# statements, and the statements of every turn are built once (building and keying one costs as
+# much as the database's work on it); parameters are named b_* (a column's own name is reserved in SET).
 MESSAGES, CONVERSATIONS = Message.__table__, Conversation.__table__
+_INSERT_MESSAGES = insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True)
 _CLAIM = update(CONVERSATIONS).where(
     CONVERSATIONS.c.id == bindparam("b_conversation_id"), CONVERSATIONS.c.active_message_id.is_(None)).values(
     active_message_id=bindparam("b_answer_id"), message_count=bindparam("b_message_count"),
@@ -60,8 +65,6 @@ def _finish_statement(columns):
     """UPDATE messages SET <columns> WHERE id = :b_message_id, one per set of column names."""
     return update(MESSAGES).where(MESSAGES.c.id == bindparam("b_message_id")).values(
         {name: bindparam("b_" + name) for name in columns})
-INTERRUPTED_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
-SAVE_ATTEMPTS = 3
 
 
 def _never_live(message_id):
@@ -74,7 +77,8 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
                 queued=False, guard=None):
     """In the caller's transaction: add the prompt (if any) and an empty answer, and claim the
     conversation with a compare-and-set on its busy flag. Nothing is committed here. Returns
-    (prompt_message, answer); raises 409 when another answer is running (or 404 if it vanished).
+    (prompt_message, answer), copies of the rows as written (not tracked by the session); raises
+    409 when another answer is running (or 404 if it vanished).
     An answer orphaned by a dead worker does not block: it is saved as interrupted, and the claim
     tried once more. `replaces`: the id of an answer the new one takes the place of (regenerate).
     `queued`: the answer waits for a slot at the model (see `admit`). `guard()`: run at the start of
@@ -83,20 +87,17 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
         if guard is not None:
             guard()
         now = utcnow()
-        rows = [Message(conversation_id=conversation.id, role="user", content=prompt, status=COMPLETE,
-                        request_id=request_id, created_at=now)] if prompt is not None else []
-        answer = Message(conversation_id=conversation.id, role="assistant", content="",
-                         status=QUEUED if queued else PENDING,
-                         model=model, request_id=request_id, heartbeat_at=now, created_at=now)
-        count = conversation.message_count + len(rows) + 1
+        rows = [] if prompt is None else [_row(conversation.id, "user", prompt, COMPLETE, None, request_id, None, now)]
+        rows.append(_row(conversation.id, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now))
+        count = conversation.message_count + len(rows)
         if replaces is not None:
             count -= db.session.execute(delete(Message).where(Message.id == replaces)).rowcount
-        db.session.add_all(rows + [answer])
-        db.session.flush()
+        added = _insert_messages(rows)
+        answer = added[-1]
         if _claim(conversation.id, answer.id, count, now):
             for name, value in (("active_message_id", answer.id), ("message_count", count), ("updated_at", now)):
                 set_committed_value(conversation, name, value)
-            return (rows[0] if rows else None), answer
+            return (added[0] if prompt is not None else None), answer
         conversation_id = conversation.id
         db.session.rollback()
         if db.session.scalar(select(Conversation.id).where(Conversation.id == conversation_id)) is None:
@@ -105,6 +106,18 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
             break
     raise ServiceError(409, "conversation_busy", "an answer is already being generated in this conversation; "
                                                  "wait for it or stop it first")
+
+
+def _row(conversation_id, role, content, status, model, request_id, heartbeat_at, now):
+    return {"conversation_id": conversation_id, "role": role, "content": stored_text(content), "status": status,
+            "model": model, "request_id": request_id, "heartbeat_at": heartbeat_at, "created_at": now,
+            "cancel_requested": False}
+
+
+def _insert_messages(rows):
+    """One INSERT for the rows (dicts with the same keys), in order; returns Message copies with their ids."""
+    ids = db.session.execute(_INSERT_MESSAGES, rows).scalars().all()
+    return [Message(id=message_id, **row) for message_id, row in zip(ids, rows, strict=True)]
 
 
 def _claim(conversation_id, answer_id, message_count, now):

@@ -60,7 +60,6 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     options = check_options(options)
     if conversation_id is None:
         conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
-        db.session.flush()
         history = []  # a new conversation has nothing before this prompt
     else:
         conversation = get_conversation(user, conversation_id)
@@ -116,9 +115,7 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
         if len(system) > SYSTEM_PROMPT_MAX:
             system = ""  # too long for the conversation's system prompt: stored as a message instead
         conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
-                                           commit=False)
-        conversation.source = SOURCE_API
-        db.session.flush()
+                                           commit=False, source=SOURCE_API)
         stored = 1 if system else 0
     now = utcnow()
     earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
@@ -154,9 +151,8 @@ def _launch(conversation, prompt_message, answer, options, history, context=None
     messages = context if context is not None else build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
               options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
-    rows = [row for row in (conversation, prompt_message, answer) if row is not None]
-    for row in rows:
-        db.session.expunge(row)  # keeps what was written, readable after the commit
+    if conversation in db.session:  # a conversation read from the database; the rest are copies already
+        db.session.expunge(conversation)  # keeps what was written, readable after the commit
     db.session.commit()  # the prompt is safe before the LLM is called, and no connection is held after
     if run_here:
         return Turn(conversation, prompt_message, answer, job)
