@@ -184,7 +184,7 @@ def test_the_api_and_client_examples_run_as_printed(servers, app, ollama, tmp_pa
         return re.sub(rf"\b{ACCOUNT[0]}\b", username, text)
 
     def python_replace(text):
-        return text.replace(HOST, server.url).replace(KEY_PLACEHOLDER, '__import__("os").environ["API_KEY"]')
+        return replace(text).replace(KEY_PLACEHOLDER, '__import__("os").environ["API_KEY"]')
 
     path = tmp_path / "api.sh"
     body = script(blocks, tmp_path, replace, python_replace)
