@@ -99,6 +99,16 @@ def test_preflight_answered_without_a_token(cors_client, path):
     assert "Content-Type" not in response.headers
 
 
+def test_preflight_allows_the_headers_a_client_asks_for(cors_client):
+    """Clients bring headers of their own (OpenAI's JavaScript SDK: X-Stainless-*); well-formed names are
+    allowed besides the app's own, a bounded number of them."""
+    asked = "x-stainless-lang, X-Stainless-Retry-Count, bad header, a:b, " + ", ".join(f"x-{n}" for n in range(40))
+    check = preflight(cors_client, "/v1/chat/completions", headers=asked)
+    allowed = listed(check.headers["Access-Control-Allow-Headers"])
+    assert {"authorization", "x-stainless-lang", "x-stainless-retry-count", "x-0"} <= allowed
+    assert "bad header" not in allowed and "a:b" not in allowed and "x-39" not in allowed
+
+
 @both_databases
 def test_preflights_touch_no_database_and_no_sign_in_limit(make_app, user):
     """A preflight is answered before the token check, the throttle or a query: a burst of them neither
@@ -282,6 +292,18 @@ const result = {};
                 "Idempotency-Key": params.get("key")}});
     return {status: response.status, requestId: response.headers.get("X-Request-ID"), body: await response.json()};
   });
+  await step("stream", async () => {
+    const response = await fetch(api + "/chat/", {
+      method: "POST", body: JSON.stringify({prompt: "stream it", stream: true}),
+      headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"}});
+    return {status: response.status, type: response.headers.get("Content-Type"), text: await response.text()};
+  });
+  await step("openai", async () => {
+    const response = await fetch(api + "/v1/chat/completions", {
+      method: "POST", body: JSON.stringify({model: "tinyllama", messages: [{role: "user", content: "hi"}]}),
+      headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json", "X-Stainless-Lang": "js"}});
+    return {status: response.status, body: await response.json()};
+  });
   window.result = result;
 })();
 </script>"""
@@ -323,6 +345,10 @@ def test_a_page_on_an_allowed_origin_signs_in_and_chats_and_others_cannot(app, s
     assert result["chat"]["status"] == 200, result
     assert result["chat"]["body"]["response"] == "Hello from the fake model."
     assert result["chat"]["requestId"] == result["chat"]["body"]["request_id"]
+    assert result["stream"]["status"] == 200 and result["stream"]["type"].startswith("text/event-stream")
+    assert "event: done" in result["stream"]["text"]
+    assert result["openai"]["status"] == 200, result
+    assert result["openai"]["body"]["choices"][0]["message"]["content"] == "Hello from the fake model."
 
     # Another origin, even holding a valid token: the browser refuses every answer (fetch rejects
     # with a TypeError), and the chat's preflight is refused, so its POST is never sent at all.
@@ -331,7 +357,7 @@ def test_a_page_on_an_allowed_origin_signs_in_and_chats_and_others_cannot(app, s
     before = requests.get(server.url + "/conversations", headers={"Authorization": f"Bearer {token}"},
                           timeout=10).json()
     result = run_client_page(chromium, other, server.url, token=token)
-    for step in ("login", "refused", "chat"):
+    for step in ("login", "refused", "chat", "stream", "openai"):
         assert result[step]["failed"].startswith("TypeError"), result
     after = requests.get(server.url + "/conversations", headers={"Authorization": f"Bearer {token}"},
                          timeout=10).json()

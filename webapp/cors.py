@@ -32,8 +32,13 @@ from flask import request
 
 API_BLUEPRINTS = {"api", "v1"}
 ALLOW_METHODS = "GET, POST, PATCH, DELETE"
-# Authorization is never covered by a `*` in Access-Control-Allow-Headers, so every header is named.
-ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-Request-ID, X-Conversation-Id"
+# Authorization is never covered by a `*` in Access-Control-Allow-Headers, so headers are named: these,
+# plus whatever else a preflight asks for (OpenAI's JavaScript SDK sends its own X-Stainless-* headers).
+# A request header is no risk without credentials: a page can send no more than curl could.
+ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-Request-ID",
+                 "X-Conversation-Id")
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+MAX_ASKED_HEADERS = 32
 # What a client must be able to read beyond the CORS-safelisted response headers.
 EXPOSE_HEADERS = ("Retry-After, X-Request-ID, WWW-Authenticate, Idempotent-Replayed, X-Conversation-Id, "
                   "Location, Content-Disposition")
@@ -68,6 +73,15 @@ def parse_origins(text):
     return frozenset({WILDCARD}) if WILDCARD in origins else frozenset(origins)
 
 
+def allow_headers(asked):
+    """The named headers plus those the preflight asked for (well-formed names only, a bounded number)."""
+    names = {name.lower(): name for name in ALLOW_HEADERS}
+    for name in [part.strip() for part in asked.split(",")][:MAX_ASKED_HEADERS]:
+        if HEADER_NAME.fullmatch(name):
+            names.setdefault(name.lower(), name)
+    return ", ".join(names.values())
+
+
 def init_app(app, api_prefixes):
     origins = parse_origins(app.config.get("CORS_ORIGINS", ""))
     if not origins:
@@ -97,7 +111,8 @@ def init_app(app, api_prefixes):
             response = app.response_class(status=204)
             if allowed_origin():
                 response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
-                response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
+                response.headers["Access-Control-Allow-Headers"] = allow_headers(
+                    request.headers.get("Access-Control-Request-Headers", ""))
                 response.headers["Access-Control-Max-Age"] = MAX_AGE
             return response  # the after_request hook below adds the origin
         return None
@@ -107,6 +122,8 @@ def init_app(app, api_prefixes):
         if not api_door():
             return response
         response.vary.add("Origin")  # the answer depends on Origin: no cache may hand it to another
+        if request.method == "OPTIONS":
+            response.vary.add("Access-Control-Request-Headers")
         origin = allowed_origin()
         if origin:
             response.headers["Access-Control-Allow-Origin"] = origin
