@@ -6,13 +6,13 @@ static files never do: they are the cookie-authenticated door, and no other site
 
 What an allowed origin gets:
 - a preflight (OPTIONS with Origin and Access-Control-Request-Method) is answered 204 right here,
-  before any other part of the app sees it: no bearer token is asked for (a browser never sends one
+  after only the request id is assigned: no bearer token is asked for (a browser never sends one
   with a preflight), no throttle counts it, nothing reads the database;
 - every answer, errors included (401, 404, 429, 503, 500), carries Access-Control-Allow-Origin and
   Access-Control-Expose-Headers, so a script can read the status, the JSON error and Retry-After;
 - never Access-Control-Allow-Credentials: the API authenticates with `Authorization: Bearer`, which a
-  script sets itself, not with cookies. Without that header a browser neither sends this site's
-  cookies on a cross-origin fetch nor lets the script read an answer to one that did.
+  script sets itself, not with cookies. Without that header a browser lets no script read the answer
+  to a cross-origin request that carried this site's cookies (which are SameSite=Lax besides).
 A disallowed origin gets no CORS headers at all, so the browser keeps its answer from the script.
 
 `*` allows every origin. It is safe here only because credentials are never allowed: a foreign page
