@@ -41,6 +41,14 @@ def pg_url(pg_database):
     return pg_database.url
 
 
+@pytest.fixture
+def empty_pg_url(pg_database):
+    """A second database on the suite's PostgreSQL with no schema at all: `flask db upgrade` from nothing."""
+    database = pg_database.another()
+    yield database.url
+    database.drop()
+
+
 @pytest.fixture(scope="session")
 def fake_ollama():
     server = FakeOllama().start()
