@@ -259,22 +259,28 @@ def test_v1_retries_with_a_key_reattach_instead_of_cancelling(live, app, ollama,
 # ---- the service itself -----------------------------------------------------------------------------
 
 def test_the_race_for_one_key_is_decided_by_the_primary_key(app, ollama, monkeypatch):
-    """The winner is held inside its transaction, after writing its key; the loser has found no key
-    and tries to write the same one: it must wait, lose (its transaction rolled back whole) and
-    re-attach to the winner's answer."""
+    """The winner is held inside its transaction, after writing its key; the loser has looked for the
+    key and found none, so its next step is writing the same key: it must wait or fail, lose (its
+    transaction rolled back whole) and re-attach to the winner's answer."""
     from webapp import service
     from webapp.auth.accounts import find_user
     from webapp.service import idempotency, turns
     make_user(app)
     ollama.script(chunks=WORDS[:5], delay=0.02)
-    inside, release, lost = threading.Event(), threading.Event(), []
-    real_take_turn, real_claim = turns.take_turn, idempotency.claim
+    inside, release, loser_looked, lost = threading.Event(), threading.Event(), threading.Event(), []
+    real_take_turn, real_claim, real_find = turns.take_turn, idempotency.claim, idempotency.find
 
     def held(user):  # runs right after the key's row is written, in the same transaction
         if threading.current_thread().name == "winner":
             inside.set()
             release.wait(20)
         return real_take_turn(user)
+
+    def find(*args):
+        found = real_find(*args)
+        if threading.current_thread().name == "loser" and found is None:
+            loser_looked.set()
+        return found
 
     def claim(*args):
         try:
@@ -284,6 +290,7 @@ def test_the_race_for_one_key_is_decided_by_the_primary_key(app, ollama, monkeyp
             raise
 
     monkeypatch.setattr(turns, "take_turn", held)
+    monkeypatch.setattr(idempotency, "find", find)
     monkeypatch.setattr(idempotency, "claim", claim)
     results = {}
 
@@ -297,8 +304,9 @@ def test_the_race_for_one_key_is_decided_by_the_primary_key(app, ollama, monkeyp
     assert inside.wait(10)
     loser = threading.Thread(target=run, name="loser")
     loser.start()
-    time.sleep(1.0)  # the loser is now waiting on the winner's row (or, SQLite, on its write lock)
-    assert "loser" not in results
+    assert loser_looked.wait(10)  # the winner's row is not committed: the loser saw no key
+    time.sleep(0.3)  # let it reach the INSERT and wait there (PostgreSQL) or for the write lock (SQLite)
+    assert not results  # it cannot get past the winner's transaction
     release.set()
     winner.join(20)
     loser.join(20)
