@@ -120,6 +120,9 @@ def load_config():
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
         # ...believed only from peers in these networks (comma-separated CIDRs; empty: nobody).
         "TRUSTED_PROXY_NETWORKS": os.environ.get("TRUSTED_PROXY_NETWORKS", "").strip(),
+        # Origins whose pages may call the API from a browser (comma- or space-separated, e.g.
+        # https://app.example.com; * for any); empty: no CORS headers at all (webapp/cors.py).
+        "CORS_ORIGINS": os.environ.get("CORS_ORIGINS", "").strip(),
         # Strict-Transport-Security max-age on HTTPS responses (0: no HSTS header).
         "HSTS_SECONDS": _int("HSTS_SECONDS", 365 * 24 * 3600),
         # If the limit store fails (a database hiccup, a missed migration), sign-in goes on unthrottled
