@@ -81,6 +81,16 @@ def test_missing_forged_and_expired_tokens_are_401_with_rfc6750_challenges(app, 
     assert garbage.status_code == 401 and 'error="invalid_token"' in garbage.headers["WWW-Authenticate"]
 
 
+def test_a_signed_token_naming_an_impossible_user_id_is_invalid_not_a_500(app, client, user):
+    """Only a holder of SECRET_KEY can sign one, but the answer must still be 401, not PostgreSQL's
+    integer overflow."""
+    now = int(time.time())
+    token = jwt.encode({"sub": str(2**40), "ver": 1, "iat": now, "exp": now + 60, "jti": "x" * 32},
+                       app.config["SECRET_KEY"], algorithm="HS256")
+    response = client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401 and 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
 def test_password_change_invalidates_old_tokens(app, client, user):
     token = login_token(client)
     headers = {"Authorization": f"Bearer {token}"}

@@ -15,6 +15,7 @@ from sqlalchemy import and_, delete, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..extensions import db
+from ..limits import MAX_ID
 from ..models import RevokedToken, User, utcnow
 
 ALGORITHM = "HS256"
@@ -43,7 +44,9 @@ def claims_of(token):
     except jwt.InvalidTokenError:
         raise TokenError("token is invalid") from None
     jti = claims.get("jti")  # every token we sign has one (checked after expiry, which says more)
-    if not (str(claims["sub"]).isdigit() and isinstance(jti, str) and 0 < len(jti) <= JTI_MAX):
+    sub = str(claims["sub"])
+    # A user id bigger than an INTEGER column holds would make PostgreSQL fail, not say "invalid".
+    if not (sub.isdigit() and int(sub) <= MAX_ID and isinstance(jti, str) and 0 < len(jti) <= JTI_MAX):
         raise TokenError("token is invalid")
     return claims
 
