@@ -19,7 +19,7 @@ os.environ.pop("DATABASE_URL", None)  # never let a developer's .env point the s
 os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
 
 TABLES = ("idempotency_keys", "messages", "conversations", "api_keys", "user_sessions", "setup_claims", "users",
-          "rate_limit_hits")
+          "rate_limit_hits", "revoked_tokens")
 
 
 

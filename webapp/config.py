@@ -111,6 +111,7 @@ def load_config():
         "LOGIN_LIMIT_PER_USER": os.environ.get("LOGIN_LIMIT_PER_USER", "10 per minute;50 per hour").strip(),
         "LOGIN_LIMIT_PER_ADDRESS": os.environ.get("LOGIN_LIMIT_PER_ADDRESS", "100 per hour").strip(),
         "SIGNUP_LIMIT_PER_ADDRESS": os.environ.get("SIGNUP_LIMIT_PER_ADDRESS", "5 per hour").strip(),
+        "REVOKE_LIMIT_PER_ADDRESS": os.environ.get("REVOKE_LIMIT_PER_ADDRESS", "60 per minute").strip(),
         "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI", "").strip() or "database://",
         # database://'s own connections per process (apart from the request pool), and the longest a
         # sign-in waits for one before 503 with Retry-After.
