@@ -78,7 +78,7 @@ SIZES = {  # (WALK_MESSAGES, WALK_CHATS, PROBE_ROWS): every path of the search
 def sizes(request, monkeypatch):
     from webapp.service import search
     if SIZES[request.param]:
-        for name, value in zip(("WALK_MESSAGES", "WALK_CHATS", "PROBE_ROWS"), SIZES[request.param]):
+        for name, value in zip(("WALK_MESSAGES", "WALK_CHATS", "PROBE_ROWS"), SIZES[request.param], strict=True):
             monkeypatch.setattr(search, name, value)
     return request.param
 
