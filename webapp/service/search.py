@@ -4,28 +4,32 @@ full. How it stops is written out here, not left to PostgreSQL's planner, whose 
 "walk the newest chats" and "collect every match, then sort" follows its statistics (at 20,000
 messages it collected all 16,000 matches of a common word to show 30 chats):
 
-1. Walk: the newest chats from the cursor on, in batches of about WALK_MESSAGES messages (by their
-   message_count), each chat checked by a per-chat subquery that reads its messages newest first on
-   the (conversation_id, id) index and stops at the first match (a scalar subquery with LIMIT 1:
-   neither database can turn it into a join over all matches). A word in most chats fills the page
-   in the first batch.
-2. Probe (PostgreSQL with migration 0003's trigram index): the word was rare in the newest chats,
-   so ask the trigram index for its matching messages, at most PROBE_ROWS of them, with sequential
-   and plain index scans switched off for that one statement, so the index is used whatever the
-   statistics say. Fewer than the cap: that is every older match, and one more query takes the
-   newest of those chats (or titles).
+1. Walk: the newest chats from the cursor on, in batches (the first: as many chats as the page
+   needs, or about WALK_MESSAGES messages by their message_count, whichever is less), each chat
+   checked by a per-chat subquery that reads its messages newest first on the (conversation_id, id)
+   index and stops at the first match (a scalar subquery with LIMIT 1: neither database can turn it
+   into a join over all matches). A word in most chats fills the page in the first batch.
+2. Probe (PostgreSQL with migration 0003's trigram index), once, when the walk so far says the
+   word is too rare for the next batches to fill the page: ask the trigram index for its matching
+   messages, at most PROBE_ROWS of them, with sequential and plain index scans switched off for
+   that one statement, so the index is used whatever the statistics say. Not more than the cap:
+   that is every older match, and one more query takes the newest of those chats (or titles).
 3. Otherwise (SQLite; no trigram index; a word in more messages than the cap): keep walking, each
    batch twice the size of the one before, until the page is full or the chats run out.
 
-Cost: a common word, one batch (bounded by WALK_MESSAGES rows); a rare word, one batch and an index
-probe (bounded by the word's matches); a word common in old chats only, a walk up to where the page
-fills — at worst every one of the caller's messages, which is what the old query did for every rare
-word on SQLite.
+Cost: a common word, one batch of about a page of chats, a few messages each; a rare word, one
+batch (WALK_MESSAGES rows) and an index probe (the word's matches: the index has no order, so a
+word in a million messages costs ~0.35 s to collect — that is why the walk goes first); a word
+common only in old chats, a walk up to where the page fills — at worst every one of the caller's
+messages, which is what the old query did for every rare word on SQLite.
 """
 import re
 
-from sqlalchemy import Integer, and_, any_, bindparam, func, or_, select, text, true
+from sqlalchemy import Boolean, Integer, and_, any_, bindparam, func, or_, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from ..extensions import db
 from ..models import FINAL_STATUSES, Conversation, Message
@@ -48,13 +52,32 @@ def search_conditions(query):
 
 def contains(column, query):
     """Case-insensitive substring test. PostgreSQL's ILIKE folds every alphabet (Привет finds
-    привет); SQLite's built-in lower() folds ASCII only, so a non-ASCII search there compares
-    through Python's str.lower (the unicode_lower function every SQLite connection gets)."""
-    needle = query.strip()
-    pattern = f"%{escape_like(needle)}%"
-    if db.engine.dialect.name == "sqlite" and not needle.isascii():
-        return func.unicode_lower(column).like(f"%{escape_like(needle.lower())}%", escape="\\")
-    return column.ilike(pattern, escape="\\")
+    привет); SQLite's built-in lower() folds ASCII only, so there a non-ASCII search compares
+    through Python's str.lower (the unicode_lower function every SQLite connection gets). Which
+    one is decided when the statement is compiled for its database."""
+    return Contains(column, query.strip())
+
+
+class Contains(ColumnElement):
+    inherit_cache = True
+    type = Boolean()
+    _traverse_internals = [("ilike", InternalTraversal.dp_clauseelement),
+                           ("folded", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column, needle):
+        self.ilike = column.ilike(f"%{escape_like(needle)}%", escape="\\")
+        self.folded = (self.ilike if needle.isascii() else
+                       func.unicode_lower(column).like(f"%{escape_like(needle.lower())}%", escape="\\"))
+
+
+@compiles(Contains)
+def _contains_anywhere(element, compiler, **kw):
+    return compiler.process(element.ilike, **kw)
+
+
+@compiles(Contains, "sqlite")
+def _contains_sqlite(element, compiler, **kw):
+    return compiler.process(element.folded, **kw)
 
 
 def escape_like(text_):
@@ -135,16 +158,14 @@ def _probe(user_id, query, after, want, source_filter):
     saved = db.session.execute(text(
         "SELECT current_setting('enable_seqscan'), current_setting('enable_indexscan'), "
         "set_config('enable_seqscan', 'off', true), set_config('enable_indexscan', 'off', true)")).one()
-    try:
-        # Only a bitmap scan is left, and only the trigram index can serve ILIKE '%…%' with one: the
-        # probe's cost is the word's matches, whatever the statistics say. Every user's messages
-        # are in the index, so the cap counts theirs too (joining the caller's chats here would
-        # let the planner walk them instead).
-        matched = db.session.scalars(select(Message.conversation_id).where(*message_matches)
-                                     .limit(PROBE_ROWS + 1)).all()
-    finally:
-        db.session.execute(text("SELECT set_config('enable_seqscan', :seq, true), "
-                                "set_config('enable_indexscan', :idx, true)"), {"seq": saved[0], "idx": saved[1]})
+    # Only a bitmap scan is left, and only the trigram index can serve ILIKE '%…%' with one: the
+    # probe's cost is the word's matches, whatever the statistics say. Every user's messages are in
+    # the index, so the cap counts theirs too (joining the caller's chats here would let the planner
+    # walk them instead). The settings are local to the transaction; an error rolls them back too.
+    matched = db.session.scalars(select(Message.conversation_id).where(*message_matches)
+                                 .limit(PROBE_ROWS + 1)).all()
+    db.session.execute(text("SELECT set_config('enable_seqscan', :seq, true), "
+                            "set_config('enable_indexscan', :idx, true)"), {"seq": saved[0], "idx": saved[1]})
     if len(matched) > PROBE_ROWS:
         return None
     return db.session.scalars(
