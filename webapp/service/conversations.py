@@ -98,12 +98,12 @@ def list_conversations(user, limit=20, cursor=None, query=None, source=None):
     """Newest first, keyset-paginated on (updated_at, id) so page 500 costs what page 1 does.
     `query`: only those whose title or finished messages contain it (search.py: it stops as soon as
     the page is full). `source`: only those made through that door ("web", or "api" for /v1)."""
-    after = decode_cursor(cursor) if cursor else None
     source_filter = None
     if source is not None:
         if source not in SOURCES:
             raise ServiceError(400, "invalid_field", f"source must be one of {', '.join(SOURCES)}", "source")
         source_filter = Conversation.source == source
+    after = decode_cursor(cursor) if cursor else None
     if query and query.strip():
         rows = search.search(user.id, query, after, limit + 1, source_filter)
     else:

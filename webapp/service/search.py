@@ -28,13 +28,14 @@ import re
 from sqlalchemy import Boolean, Integer, and_, any_, bindparam, func, or_, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from ..extensions import db
 from ..models import FINAL_STATUSES, Conversation, Message
 
-WALK_MESSAGES = 2000   # messages the first walk batch may check (later batches double it)
+WALK_MESSAGES = 4000   # messages the first walk batch may check (later batches double it)
 WALK_MESSAGES_MAX = 48000
 WALK_CHATS = 1000      # chats in one batch at most, however short they are; the first batch
                        # has as many as the page needs (a word in every chat fills it at once)
@@ -111,32 +112,32 @@ def search(user_id, query, after, want, source_filter):
                 found += rest
                 break
         budget, chats = min(budget * 2, WALK_MESSAGES_MAX), min(chats * 2, WALK_CHATS)
-    return _load(found[:want])
+    return found[:want]
 
 
 def _walk(user_id, query, after, budget, chats, source_filter):
     """One batch of the walk, `chats` chats or about `budget` messages, whichever is less: (key of
-    the last chat walked, ids of the matching chats in order, whether the caller's chats ended)."""
+    the last chat walked, the matching chats in order, whether the caller's chats ended in it)."""
     title_matches, message_matches = search_conditions(query)
-    batch = (select(Conversation.id, Conversation.updated_at, Conversation.message_count,
-                    func.sum(Conversation.message_count).over(order_by=NEWEST_FIRST, rows=(None, 0))
+    batch = (select(Conversation, func.sum(Conversation.message_count).over(order_by=NEWEST_FIRST, rows=(None, 0))
                     .label("through"), title_matches.label("title_hit"))
              .where(Conversation.user_id == user_id, older_than(after),
                     *([source_filter] if source_filter is not None else []))
              .order_by(*NEWEST_FIRST).limit(chats).subquery())
+    walked = aliased(Conversation, batch)
     # The newest matching message of one chat: a backward range scan of (conversation_id, id)
     # that stops at the first match. Scalar subqueries run per row on both databases.
-    first_match = (select(Message.id).where(Message.conversation_id == batch.c.id, *message_matches)
+    first_match = (select(Message.id).where(Message.conversation_id == walked.id, *message_matches)
                    .order_by(Message.id.desc()).limit(1).scalar_subquery())
-    hit = or_(batch.c.title_hit, first_match.is_not(None))
     rows = db.session.execute(
-        select(batch.c.id, batch.c.updated_at, batch.c.message_count, hit.label("hit"))
-        .where(batch.c.through - batch.c.message_count < budget)  # the chat that crosses it is in
-        .order_by(batch.c.updated_at.desc(), batch.c.id.desc())).all()
+        select(walked, or_(batch.c.title_hit, first_match.is_not(None)))
+        .where(batch.c.through - walked.message_count < budget)  # the chat that crosses it is in
+        .order_by(walked.updated_at.desc(), walked.id.desc())).all()
     if not rows:
         return None, [], True
-    ended = len(rows) < chats and sum(row.message_count for row in rows) < budget
-    return (rows[-1].updated_at, rows[-1].id), [row.id for row in rows if row.hit], ended
+    ended = len(rows) < chats and sum(c.message_count for c, _ in rows) < budget
+    last = rows[-1][0]
+    return (last.updated_at, last.id), [c for c, hit in rows if hit], ended
 
 
 def _can_probe(query):
@@ -169,16 +170,9 @@ def _probe(user_id, query, after, want, source_filter):
     if len(matched) > PROBE_ROWS:
         return None
     return db.session.scalars(
-        select(Conversation.id)
+        select(Conversation)
         .where(Conversation.user_id == user_id, older_than(after),
                *([source_filter] if source_filter is not None else []),
                or_(Conversation.id == any_(bindparam("matched", sorted(set(matched)), ARRAY(Integer))),
                    title_matches))
         .order_by(*NEWEST_FIRST).limit(want)).all()
-
-
-def _load(ids):
-    if not ids:
-        return []
-    by_id = {c.id: c for c in db.session.scalars(select(Conversation).where(Conversation.id.in_(ids)))}
-    return [by_id[i] for i in ids if i in by_id]
