@@ -35,7 +35,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from ..extensions import db
 from ..models import FINAL_STATUSES, Conversation, Message
 
-WALK_MESSAGES = 4000   # messages the first walk batch may check (later batches double it)
+WALK_MESSAGES = 2000   # messages the first walk batch may check (later batches double it)
 WALK_MESSAGES_MAX = 48000
 WALK_CHATS = 1000      # chats in one batch at most, however short they are; the first batch
                        # has as many as the page needs (a word in every chat fills it at once)
