@@ -28,7 +28,6 @@ import re
 from sqlalchemy import Boolean, Integer, and_, any_, bindparam, func, or_, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
@@ -112,32 +111,34 @@ def search(user_id, query, after, want, source_filter):
                 found += rest
                 break
         budget, chats = min(budget * 2, WALK_MESSAGES_MAX), min(chats * 2, WALK_CHATS)
-    return found[:want]
+    return _load(found[:want])
 
 
 def _walk(user_id, query, after, budget, chats, source_filter):
     """One batch of the walk, `chats` chats or about `budget` messages, whichever is less: (key of
-    the last chat walked, the matching chats in order, whether the caller's chats ended in it)."""
+    the last chat walked, ids of the matching chats in order, whether the caller's chats ended in
+    it). Plain rows: a rare word walks many chats, and an ORM object each would cost more than the
+    walk itself."""
     title_matches, message_matches = search_conditions(query)
-    batch = (select(Conversation, func.sum(Conversation.message_count).over(order_by=NEWEST_FIRST, rows=(None, 0))
+    batch = (select(Conversation.id, Conversation.updated_at, Conversation.message_count,
+                    func.sum(Conversation.message_count).over(order_by=NEWEST_FIRST, rows=(None, 0))
                     .label("through"), title_matches.label("title_hit"))
              .where(Conversation.user_id == user_id, older_than(after),
                     *([source_filter] if source_filter is not None else []))
              .order_by(*NEWEST_FIRST).limit(chats).subquery())
-    walked = aliased(Conversation, batch)
     # The newest matching message of one chat: a backward range scan of (conversation_id, id)
     # that stops at the first match. Scalar subqueries run per row on both databases.
-    first_match = (select(Message.id).where(Message.conversation_id == walked.id, *message_matches)
+    first_match = (select(Message.id).where(Message.conversation_id == batch.c.id, *message_matches)
                    .order_by(Message.id.desc()).limit(1).scalar_subquery())
     rows = db.session.execute(
-        select(walked, or_(batch.c.title_hit, first_match.is_not(None)))
-        .where(batch.c.through - walked.message_count < budget)  # the chat that crosses it is in
-        .order_by(walked.updated_at.desc(), walked.id.desc())).all()
+        select(batch.c.id, batch.c.updated_at, batch.c.message_count,
+               or_(batch.c.title_hit, first_match.is_not(None)).label("hit"))
+        .where(batch.c.through - batch.c.message_count < budget)  # the chat that crosses it is in
+        .order_by(batch.c.updated_at.desc(), batch.c.id.desc())).all()
     if not rows:
         return None, [], True
-    ended = len(rows) < chats and sum(c.message_count for c, _ in rows) < budget
-    last = rows[-1][0]
-    return (last.updated_at, last.id), [c for c, hit in rows if hit], ended
+    ended = len(rows) < chats and sum(row.message_count for row in rows) < budget
+    return (rows[-1].updated_at, rows[-1].id), [row.id for row in rows if row.hit], ended
 
 
 def _can_probe(query):
@@ -170,9 +171,17 @@ def _probe(user_id, query, after, want, source_filter):
     if len(matched) > PROBE_ROWS:
         return None
     return db.session.scalars(
-        select(Conversation)
+        select(Conversation.id)
         .where(Conversation.user_id == user_id, older_than(after),
                *([source_filter] if source_filter is not None else []),
                or_(Conversation.id == any_(bindparam("matched", sorted(set(matched)), ARRAY(Integer))),
                    title_matches))
         .order_by(*NEWEST_FIRST).limit(want)).all()
+
+
+def _load(ids):
+    """The page's conversations, in the order found (one query by primary key)."""
+    if not ids:
+        return []
+    by_id = {c.id: c for c in db.session.scalars(select(Conversation).where(Conversation.id.in_(ids)))}
+    return [by_id[i] for i in ids if i in by_id]
