@@ -185,3 +185,36 @@ def test_a_common_word_reads_only_the_newest_chats(app, alice):
         read = len(folds)
     assert len(page) == 30 and cursor is not None
     assert read < 600, f"{read} messages read for one page"  # 3,000 match; the walk needs ~31 chats
+
+
+def test_postgresql_plans_walk_by_chat_and_probe_by_trigram(app, alice, database_url):
+    """The plan shapes the search relies on, with the statistics of a rare word (where PostgreSQL
+    would gladly run the trigram index once per chat, which costs a common word every match each
+    time): the walk reads each chat by (conversation_id, id), the probe uses the trigram index."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("plans are PostgreSQL's")
+    from sqlalchemy import event
+
+    from webapp import service
+    from webapp.extensions import db
+    seed(alice, 200, word_in=lambda n: n == 3, per_chat=10)
+    statements = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        statements.append((statement, parameters))
+    event.listen(db.engine, "before_cursor_execute", note)
+    try:
+        page, _ = service.list_conversations(alice, limit=30, query="replica")
+        plans = {}
+        raw = db.session.connection().connection.dbapi_connection.cursor()
+        for statement, parameters in statements:
+            if "set_config" in statement:
+                raw.execute(statement, parameters)  # the probe's settings, as the search had them
+            elif "OVER (" in statement or statement.lstrip().startswith("SELECT messages.conversation_id"):
+                raw.execute("EXPLAIN " + statement, parameters)
+                plans["walk" if "OVER (" in statement else "probe"] = "\n".join(r[0] for r in raw.fetchall())
+    finally:
+        event.remove(db.engine, "before_cursor_execute", note)
+    assert len(page) == 1
+    assert "ix_messages_conversation_id_id" in plans["walk"] and "trgm" not in plans["walk"], plans["walk"]
+    assert "ix_messages_content_trgm" in plans["probe"] and "Seq Scan" not in plans["probe"], plans["probe"]

@@ -42,42 +42,46 @@ PROBE_ROWS = 3000      # matching messages the trigram probe reads before leavin
 NEWEST_FIRST = (Conversation.updated_at.desc(), Conversation.id.desc())
 
 
-def search_conditions(query):
+def search_conditions(query, scan=True):
     """(title matches, message matches): case-insensitive substring on titles and on finished
     messages. Finished only: that is what PostgreSQL's partial trigram index holds (migration
-    0003); a streaming answer is found once it ends."""
+    0003); a streaming answer is found once it ends. `scan`: the message test is written so that
+    no index can serve it (the walk reads one chat's messages by its own index, and must not be
+    offered the trigram index per chat, which costs a common word's every match each time)."""
     return contains(Conversation.title, query), (Message.status.in_(FINAL_STATUSES),
-                                                 contains(Message.content, query))
+                                                 contains(Message.content, query, scan))
 
 
-def contains(column, query):
-    """Case-insensitive substring test. PostgreSQL's ILIKE folds every alphabet (Привет finds
-    привет); SQLite's built-in lower() folds ASCII only, so there a non-ASCII search compares
-    through Python's str.lower (the unicode_lower function every SQLite connection gets). Which
-    one is decided when the statement is compiled for its database."""
-    return Contains(column, query.strip())
+def contains(column, query, scan=False):
+    """Case-insensitive substring test. PostgreSQL folds every alphabet (Привет finds привет):
+    ILIKE, which the trigram index serves, or strpos(lower(…), lower(…)), the same test (ILIKE
+    lowers both sides too) that no index serves. SQLite's built-in lower() folds ASCII only, so
+    there a non-ASCII search compares through Python's str.lower (the unicode_lower function every
+    SQLite connection gets). Which one is decided when the statement is compiled."""
+    return Contains(column, query.strip(), scan)
 
 
 class Contains(ColumnElement):
     inherit_cache = True
     type = Boolean()
-    _traverse_internals = [("ilike", InternalTraversal.dp_clauseelement),
-                           ("folded", InternalTraversal.dp_clauseelement)]
+    _traverse_internals = [("postgresql", InternalTraversal.dp_clauseelement),
+                           ("sqlite", InternalTraversal.dp_clauseelement)]
 
-    def __init__(self, column, needle):
-        self.ilike = column.ilike(f"%{escape_like(needle)}%", escape="\\")
-        self.folded = (self.ilike if needle.isascii() else
+    def __init__(self, column, needle, scan=False):
+        ilike = column.ilike(f"%{escape_like(needle)}%", escape="\\")
+        self.postgresql = func.strpos(func.lower(column), func.lower(needle)) > 0 if scan else ilike
+        self.sqlite = (ilike if needle.isascii() else
                        func.unicode_lower(column).like(f"%{escape_like(needle.lower())}%", escape="\\"))
 
 
 @compiles(Contains)
 def _contains_anywhere(element, compiler, **kw):
-    return compiler.process(element.ilike, **kw)
+    return compiler.process(element.postgresql, **kw)
 
 
 @compiles(Contains, "sqlite")
 def _contains_sqlite(element, compiler, **kw):
-    return compiler.process(element.folded, **kw)
+    return compiler.process(element.sqlite, **kw)
 
 
 def escape_like(text_):
@@ -119,7 +123,7 @@ def _walk(user_id, query, after, budget, chats, source_filter):
     the last chat walked, ids of the matching chats in order, whether the caller's chats ended in
     it). Plain rows: a rare word walks many chats, and an ORM object each would cost more than the
     walk itself."""
-    title_matches, message_matches = search_conditions(query)
+    title_matches, message_matches = search_conditions(query, scan=True)
     batch = (select(Conversation.id, Conversation.updated_at, Conversation.message_count,
                     func.sum(Conversation.message_count).over(order_by=NEWEST_FIRST, rows=(None, 0))
                     .label("through"), title_matches.label("title_hit"))
@@ -160,23 +164,26 @@ def _probe(user_id, query, after, want, source_filter):
     saved = db.session.execute(text(
         "SELECT current_setting('enable_seqscan'), current_setting('enable_indexscan'), "
         "set_config('enable_seqscan', 'off', true), set_config('enable_indexscan', 'off', true)")).one()
-    # Only a bitmap scan is left, and only the trigram index can serve ILIKE '%…%' with one: the
+    # Only bitmap scans are left, and only the trigram index can serve ILIKE '%…%' with one: the
     # probe's cost is the word's matches, whatever the statistics say. Every user's messages are in
     # the index, so the cap counts theirs too (joining the caller's chats here would let the planner
-    # walk them instead). The settings are local to the transaction; an error rolls them back too.
+    # walk them instead). The chats are then taken by id or by the title's trigram index, or from
+    # the caller's own by their index, never by reading every user's conversations. The settings
+    # are local to the transaction (an error rolls them back too) and restored at once.
     matched = db.session.scalars(select(Message.conversation_id).where(*message_matches)
                                  .limit(PROBE_ROWS + 1)).all()
+    found = None
+    if len(matched) <= PROBE_ROWS:
+        found = db.session.scalars(
+            select(Conversation.id)
+            .where(Conversation.user_id == user_id, older_than(after),
+                   *([source_filter] if source_filter is not None else []),
+                   or_(Conversation.id == any_(bindparam("matched", sorted(set(matched)), ARRAY(Integer))),
+                       title_matches))
+            .order_by(*NEWEST_FIRST).limit(want)).all()
     db.session.execute(text("SELECT set_config('enable_seqscan', :seq, true), "
                             "set_config('enable_indexscan', :idx, true)"), {"seq": saved[0], "idx": saved[1]})
-    if len(matched) > PROBE_ROWS:
-        return None
-    return db.session.scalars(
-        select(Conversation.id)
-        .where(Conversation.user_id == user_id, older_than(after),
-               *([source_filter] if source_filter is not None else []),
-               or_(Conversation.id == any_(bindparam("matched", sorted(set(matched)), ARRAY(Integer))),
-                   title_matches))
-        .order_by(*NEWEST_FIRST).limit(want)).all()
+    return found
 
 
 def _load(ids):
