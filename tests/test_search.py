@@ -217,4 +217,5 @@ def test_postgresql_plans_walk_by_chat_and_probe_by_trigram(app, alice, database
         event.remove(db.engine, "before_cursor_execute", note)
     assert len(page) == 1
     assert "ix_messages_conversation_id_id" in plans["walk"] and "trgm" not in plans["walk"], plans["walk"]
-    assert "ix_messages_content_trgm" in plans["probe"] and "Seq Scan" not in plans["probe"], plans["probe"]
+    assert "Bitmap Index Scan on ix_messages_content_trgm" in plans["probe"], plans["probe"]
+    assert "Index Cond: (content ~~* " in plans["probe"] and "Seq Scan" not in plans["probe"], plans["probe"]

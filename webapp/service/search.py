@@ -42,7 +42,7 @@ PROBE_ROWS = 3000      # matching messages the trigram probe reads before leavin
 NEWEST_FIRST = (Conversation.updated_at.desc(), Conversation.id.desc())
 
 
-def search_conditions(query, scan=True):
+def search_conditions(query, scan=False):
     """(title matches, message matches): case-insensitive substring on titles and on finished
     messages. Finished only: that is what PostgreSQL's partial trigram index holds (migration
     0003); a streaming answer is found once it ends. `scan`: the message test is written so that
