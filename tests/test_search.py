@@ -138,6 +138,7 @@ def test_case_insensitive_in_every_alphabet_and_literal_wildcards(app, alice):
     assert found("100%") == [ids["pct"]] and found("0%h") == []
     assert found("e_c") == [ids["under"]] and found("_") == [ids["under"]]
     assert found("  paris  ") == [ids["fr"]]
+    assert found("a\x00b") == []  # stored text never holds NUL (it becomes U+FFFD): no match, no error
 
 
 def test_search_keeps_the_source_filter(app, alice):

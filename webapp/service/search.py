@@ -57,8 +57,9 @@ def contains(column, query, scan=False):
     ILIKE, which the trigram index serves, or strpos(lower(…), lower(…)), the same test (ILIKE
     lowers both sides too) that no index serves. SQLite's built-in lower() folds ASCII only, so
     there a non-ASCII search compares through Python's str.lower (the unicode_lower function every
-    SQLite connection gets). Which one is decided when the statement is compiled."""
-    return Contains(column, query.strip(), scan)
+    SQLite connection gets). Which one is decided when the statement is compiled. A NUL becomes
+    U+FFFD, as it does in everything stored (models._NoNul; PostgreSQL refuses NUL in text)."""
+    return Contains(column, query.strip().replace("\x00", "\ufffd"), scan)
 
 
 class Contains(ColumnElement):
