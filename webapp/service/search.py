@@ -113,8 +113,7 @@ def search(user_id, query, after, want, source_filter):
             probed = True
             rest = _probe(user_id, query, after, want - len(found), source_filter)
             if rest is not None:
-                found += rest
-                break
+                return _load(found) + rest  # the probe's chats come loaded: one round trip fewer
         budget, chats = min(budget * 2, WALK_MESSAGES_MAX), min(chats * 2, WALK_CHATS)
     return _load(found[:want])
 
@@ -159,8 +158,8 @@ def _can_probe(query):
 
 
 def _probe(user_id, query, after, want, source_filter):
-    """Ids of the newest `want` matching chats after `after`, from the trigram index; None when the
-    word has more than PROBE_ROWS matching messages (the walk is then the cheaper way on)."""
+    """The newest `want` matching chats after `after`, from the trigram index; None when the word
+    has more than PROBE_ROWS matching messages (the walk is then the cheaper way on)."""
     title_matches, message_matches = search_conditions(query)
     saved = db.session.execute(text(
         "SELECT current_setting('enable_seqscan'), current_setting('enable_indexscan'), "
@@ -176,7 +175,7 @@ def _probe(user_id, query, after, want, source_filter):
     found = None
     if len(matched) <= PROBE_ROWS:
         found = db.session.scalars(
-            select(Conversation.id)
+            select(Conversation)
             .where(Conversation.user_id == user_id, older_than(after),
                    *([source_filter] if source_filter is not None else []),
                    or_(Conversation.id == any_(bindparam("matched", sorted(set(matched)), ARRAY(Integer))),
