@@ -170,6 +170,8 @@ def _probe(user_id, query, after, want, source_filter):
     # walk them instead). The chats are then taken by id or by the title's trigram index, or from
     # the caller's own by their index, never by reading every user's conversations. The settings
     # are local to the transaction (an error rolls them back too) and restored at once.
+    # Both statements only ever run under these settings, so a plan psycopg prepares for them
+    # (after five runs on a connection; settings do not invalidate cached plans) keeps them.
     matched = db.session.scalars(select(Message.conversation_id).where(*message_matches)
                                  .limit(PROBE_ROWS + 1)).all()
     found = None
