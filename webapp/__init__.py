@@ -8,7 +8,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from . import capacity, db_ping, devkey, errors, https
+from . import capacity, cors, db_ping, devkey, errors, https
 from . import config as config_module
 from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
@@ -48,6 +48,7 @@ def create_app(overrides=None):
     llm_service.init_app(app)
     generations.init_app(app)
     init_request_ids(app)
+    cors.init_app(app, API_PREFIXES)  # after the request ids, so a preflight's answer has one too
 
     from . import models  # noqa: F401  (register the tables with SQLAlchemy)
     from .api import bp as api_bp
@@ -101,6 +102,12 @@ def _sqlite_pragmas(dbapi_connection, record):
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.close()
+        # SQLite's lower() folds ASCII only: the search folds other alphabets (Привет) with this.
+        dbapi_connection.create_function("unicode_lower", 1, _unicode_lower, deterministic=True)
+
+
+def _unicode_lower(value):
+    return value.lower() if isinstance(value, str) else value
 
 
 def _register_error_handlers(app):
