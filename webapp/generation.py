@@ -27,7 +27,7 @@ from flask import current_app
 from . import answers, llm
 from .extensions import db
 from .logs import request_id_var
-from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, ms
+from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, ms
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
@@ -71,6 +71,7 @@ class Live:
         self.interrupted = False  # the server is shutting down, not the user pressing Stop
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
+        self.final = None  # the answer's row as its final save committed it (a detached Message)
         self._cond = threading.Condition()
 
     def append(self, text):
@@ -276,8 +277,13 @@ class Generation:
         if status == COMPLETE and self.live.cancelled and self.final is None:
             status = CANCELLED
         final = self.final or llm.Chunk()
-        answers.finish(self.job.message_id, self.job.conversation_id, status, self.live.text, code, error,
-                       usage=_usage(final))
+        usage = _usage(final)
+        if answers.finish(self.job.message_id, self.job.conversation_id, status, self.live.text, code, error,
+                          usage=usage):
+            job = self.job  # followers here end with this instead of reading the row back
+            self.live.final = Message(id=job.message_id, conversation_id=job.conversation_id, role="assistant",
+                                      content=self.live.text, status=status, error_code=code, error=error,
+                                      model=job.model, request_id=job.request_id, **usage)
         self._log(status, code, final)
 
     def _wait_for_slot(self):
