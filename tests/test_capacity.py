@@ -419,7 +419,7 @@ def test_gate_hands_permits_round_robin_across_clients_and_sheds_the_heaviest():
     assert one.free == 1
 
 
-def test_a_burst_of_stream_starts_queues_for_a_small_pool_and_all_complete(servers, ollama):
+def test_a_burst_of_stream_starts_queues_for_a_small_pool_and_all_complete(servers, ollama, app):
     """150 streams started at the same instant on one worker with 3 pooled connections (two admit
     requests, one is kept for saving answers) and the default wait: they wait their turn holding
     nothing, and every one completes, none answered 503 (with a plain 1-s pool wait, most were)."""
@@ -438,6 +438,16 @@ def test_a_burst_of_stream_starts_queues_for_a_small_pool_and_all_complete(serve
     assert all(text == reply for text, _, _ in results)
     log = server.log_text()
     assert " 503 " not in log and "Traceback" not in log
+    # Ending together, they were saved in shared transactions (generation._Finisher): each one whole.
+    from sqlalchemy import func, select
+
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    with app.app_context():
+        answers = db.session.execute(select(Message.status, Message.content, func.count()).where(
+            Message.role == "assistant").group_by(Message.status, Message.content)).all()
+        busy = db.session.scalar(select(func.count()).where(Conversation.active_message_id.is_not(None)))
+    assert answers == [("complete", reply, count)] and busy == 0
 
 
 def test_an_overflowing_admission_queue_answers_503_busy_at_once_but_not_to_another_client(

@@ -227,6 +227,39 @@ def finish(message_id, conversation_id, status, text, code=None, error=None, usa
     return False
 
 
+def finish_many(items):
+    """Several answers' final writes (each as `finish` takes them: message_id, conversation_id,
+    status, text, code, error, usage) in ONE transaction: a burst of answers ending together costs
+    one commit, not one each. Returns, per item, 1 when saved and 0 when its row was gone (the
+    conversation deleted meanwhile); raises (rolled back) on failure, for the caller to retry one
+    by one. Every item's usage has the same keys (generation._usage)."""
+    now = utcnow()
+    table, conversations = Message.__table__, Conversation.__table__
+    usage_keys = sorted(items[0][6] or {})
+    try:
+        saved = db.session.execute(
+            update(table).where(table.c.id == bindparam("b_id")).values(
+                content=bindparam("b_text"), status=bindparam("b_status"), error_code=bindparam("b_code"),
+                error=bindparam("b_error"), heartbeat_at=now, **{key: bindparam("b_" + key) for key in usage_keys}),
+            [{"b_id": message_id, "b_text": text, "b_status": status, "b_code": code, "b_error": error,
+              **{"b_" + key: (usage or {}).get(key) for key in usage_keys}}
+             for message_id, _, status, text, code, error, usage in items]).rowcount
+        db.session.execute(
+            update(conversations).where(conversations.c.id == bindparam("b_conversation"),
+                                        conversations.c.active_message_id == bindparam("b_id"))
+            .values(active_message_id=None, updated_at=now),
+            [{"b_conversation": conversation_id, "b_id": message_id}
+             for message_id, conversation_id, *_ in items])
+        ids = [item[0] for item in items]
+        existing = set(ids) if saved == len(ids) else set(
+            db.session.scalars(select(table.c.id).where(table.c.id.in_(ids))))
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return [1 if item[0] in existing else 0 for item in items]
+
+
 def interrupted(message_id, conversation_id, text):
     """The worker is shutting down: save the answer as interrupted, with its text so far."""
     return finish(message_id, conversation_id, INTERRUPTED, text, "interrupted", INTERRUPTED_MESSAGE)

@@ -22,7 +22,7 @@ greenlet), served round-robin across clients (bearer credential, else session co
 and first come first served within one. A burst of stream starts therefore queues where it costs
 nothing, and the few holders are not slowed by hundreds of greenlets contending for connections on
 the same event loop (which used to stretch each hold past the wait and answer most of a burst 503).
-A request waits at most DB_POOL_TIMEOUT seconds (10 by default) in the queue; the queue holds at most
+A request waits at most DB_POOL_TIMEOUT seconds (30 by default) in the queue; the queue holds at most
 DB_QUEUE_MAX requests per worker (1000): when full, a newcomer takes the place of the newest waiter
 of the client with the most waiters if that client has more than the newcomer's, else it is refused
 at once, so one client's flood cannot shut others out. A refused or timed-out request is answered

@@ -138,7 +138,7 @@ def load_config():
         # most DB_POOL_TIMEOUT seconds; past either they are answered 503 + Retry-After.
         "DB_POOL_SIZE": _int("DB_POOL_SIZE", 10),
         "DB_MAX_OVERFLOW": _int("DB_MAX_OVERFLOW", 0),
-        "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 10.0),
+        "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 30.0),
         "DB_QUEUE_MAX": max(0, _int("DB_QUEUE_MAX", 1000)),
     }
     config["REMEMBER_COOKIE_DURATION"] = timedelta(days=config["REMEMBER_DAYS"])
