@@ -18,7 +18,8 @@ from pg import TestDatabase
 os.environ.pop("DATABASE_URL", None)  # never let a developer's .env point the suite at real data
 os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
 
-TABLES = ("messages", "conversations", "api_keys", "user_sessions", "setup_claims", "users", "rate_limit_hits")
+TABLES = ("messages", "conversations", "api_keys", "user_sessions", "setup_claims", "users", "rate_limit_hits",
+          "revoked_tokens")
 
 
 
@@ -38,6 +39,14 @@ def pg_url(pg_database):
     with app.app_context():
         upgrade()
     return pg_database.url
+
+
+@pytest.fixture
+def empty_pg_url(pg_database):
+    """A second database on the suite's PostgreSQL with no schema at all: `flask db upgrade` from nothing."""
+    database = pg_database.another()
+    yield database.url
+    database.drop()
 
 
 @pytest.fixture(scope="session")

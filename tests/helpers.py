@@ -128,6 +128,39 @@ def shoot(page, name):
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
 
+class StaticPage:
+    """One HTML page served from its own loopback port (so its own origin), in a thread: the foreign
+    site a browser-based API client lives on. `.url` is the page, `.origin` what its fetches send."""
+
+    def __init__(self, html):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        body = html.encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                found = self.path.split("?")[0] == "/"  # the page reads its settings from the query
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body) if found else 0))
+                self.end_headers()
+                if found:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = self.origin + "/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # ---- the security suite: a live app over real HTTP ------------------------------------------------
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

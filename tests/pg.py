@@ -61,18 +61,23 @@ def _plain(url):
 class TestDatabase:
     """A database of its own for this test run, created on a server and dropped afterwards."""
 
-    def __init__(self):
+    def __init__(self, base=None):
         self.server = None
-        base = os.environ.get("TEST_DATABASE_URL")
+        base = base or os.environ.get("TEST_DATABASE_URL")
         if not base:
             self.server = ThrowawayPostgres()
             base = self.server.start()
+        self.base = base
         self.admin_url = _plain(base)
         self.name = f"llm_test_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         head, _, _ = base.rpartition("/")
         self.url = head.replace("postgresql://", "postgresql+psycopg://") + "/" + self.name
+
+    def another(self):
+        """One more empty database on the same server (dropped on its own; the server stays)."""
+        return TestDatabase(self.base)
 
     def drop(self):
         for _ in range(5):

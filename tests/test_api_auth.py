@@ -81,6 +81,16 @@ def test_missing_forged_and_expired_tokens_are_401_with_rfc6750_challenges(app, 
     assert garbage.status_code == 401 and 'error="invalid_token"' in garbage.headers["WWW-Authenticate"]
 
 
+def test_a_signed_token_naming_an_impossible_user_id_is_invalid_not_a_500(app, client, user):
+    """Only a holder of SECRET_KEY can sign one, but the answer must still be 401, not PostgreSQL's
+    integer overflow."""
+    now = int(time.time())
+    token = jwt.encode({"sub": str(2**40), "ver": 1, "iat": now, "exp": now + 60, "jti": "x" * 32},
+                       app.config["SECRET_KEY"], algorithm="HS256")
+    response = client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401 and 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
 def test_password_change_invalidates_old_tokens(app, client, user):
     token = login_token(client)
     headers = {"Authorization": f"Bearer {token}"}
@@ -109,17 +119,18 @@ def test_wrong_method_says_which_are_allowed(client):
     assert page.status_code == 405 and "POST" in page.headers["Allow"]
 
 
-def test_revoke_ends_every_token_and_browser_session(app, client, user):
+def test_logout_all_ends_every_token_and_browser_session(app, client, user):
+    """Sign out everywhere (POST /auth/revoke used to do this; it is RFC 7009 now: test_revoke.py)."""
     from helpers import sign_in
     first, second = login_token(client), login_token(client)
     browser = app.test_client()
     sign_in(browser)
     assert browser.get("/settings").status_code == 200
-    revoked = client.post("/auth/revoke", headers={"Authorization": f"Bearer {first}"})
-    assert revoked.status_code == 204
+    ended = client.post("/auth/logout-all", headers={"Authorization": f"Bearer {first}"})
+    assert ended.status_code == 204
     for token in (first, second):
         response = client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 401 and "no longer valid" in response.get_json()["error"]["message"]
     assert browser.get("/settings").status_code == 302  # the page session ended too
-    assert client.post("/auth/revoke").status_code == 401
+    assert client.post("/auth/logout-all").status_code == 401
     assert client.get("/conversations", headers={"Authorization": f"Bearer {login_token(client)}"}).status_code == 200

@@ -8,7 +8,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from . import capacity, devkey, errors, https
+from . import capacity, cors, devkey, errors, https
 from . import config as config_module
 from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
@@ -46,6 +46,7 @@ def create_app(overrides=None):
     llm_service.init_app(app)
     generations.init_app(app)
     init_request_ids(app)
+    cors.init_app(app, API_PREFIXES)  # after the request ids, so a preflight's answer has one too
 
     from . import models  # noqa: F401  (register the tables with SQLAlchemy)
     from .api import bp as api_bp

@@ -111,6 +111,7 @@ def load_config():
         "LOGIN_LIMIT_PER_USER": os.environ.get("LOGIN_LIMIT_PER_USER", "10 per minute;50 per hour").strip(),
         "LOGIN_LIMIT_PER_ADDRESS": os.environ.get("LOGIN_LIMIT_PER_ADDRESS", "100 per hour").strip(),
         "SIGNUP_LIMIT_PER_ADDRESS": os.environ.get("SIGNUP_LIMIT_PER_ADDRESS", "5 per hour").strip(),
+        "REVOKE_LIMIT_PER_ADDRESS": os.environ.get("REVOKE_LIMIT_PER_ADDRESS", "60 per minute").strip(),
         "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI", "").strip() or "database://",
         # database://'s own connections per process (apart from the request pool), and the longest a
         # sign-in waits for one before 503 with Retry-After.
@@ -119,6 +120,9 @@ def load_config():
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
         # ...believed only from peers in these networks (comma-separated CIDRs; empty: nobody).
         "TRUSTED_PROXY_NETWORKS": os.environ.get("TRUSTED_PROXY_NETWORKS", "").strip(),
+        # Origins whose pages may call the API from a browser (comma- or space-separated, e.g.
+        # https://app.example.com; * for any); empty: no CORS headers at all (webapp/cors.py).
+        "CORS_ORIGINS": os.environ.get("CORS_ORIGINS", "").strip(),
         # Strict-Transport-Security max-age on HTTPS responses (0: no HSTS header).
         "HSTS_SECONDS": _int("HSTS_SECONDS", 365 * 24 * 3600),
         # If the limit store fails (a database hiccup, a missed migration), sign-in goes on unthrottled

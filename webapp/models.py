@@ -98,6 +98,8 @@ class User(UserMixin, db.Model):
 
     # The browser session this object was loaded for or signed in with (see auth/sessions.py).
     session_token = None
+    # The bearer token (JWT id) this object was loaded for (see auth/tokens.verify).
+    token_jti = None
 
     def set_password(self, password):
         # Hashing runs in the password pool; callers release their database connection first.
@@ -293,3 +295,14 @@ class ApiKey(db.Model):
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
         }
+
+
+class RevokedToken(db.Model):
+    """A bearer token (JWT) revoked on its own through RFC 7009 (POST /auth/revoke), by its `jti`,
+    kept until the token would have expired anyway; then the row is useless and is purged. Checked in
+    the same query that loads the token's user (auth/tokens.verify), so no extra round trip."""
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

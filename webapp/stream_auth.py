@@ -2,9 +2,10 @@
 revoked token, an ended browser session, a disabled account), without a query per stream.
 
 A stream takes a `watch()` when it starts: the user id and what it was authorised with (a bearer
-token's token_version, or a browser session's id). Each worker process has one background task that,
-while any stream is open there, re-checks every watched user with ONE query each RECHECK_SECONDS
-(users left-joined with the watched sessions) and marks the watches whose credential has ended. A
+token's token_version and jti, a personal API key's row, or a browser session's id). Each worker
+process has one background task that, while any stream is open there, re-checks every watched
+credential with ONE query each RECHECK_SECONDS (the watched users, sessions, keys and revoked token
+ids, as one UNION ALL) and marks the watches whose credential has ended. A
 stream asks `watch.still_allowed()` on each tick of its loop (service.follow() yields at least every
 ~0.3 s) and, when it is no longer allowed, sends `watch.ended()` (an SSE `signed_out` event) and stops.
 So a stream ends within RECHECK_SECONDS plus one tick (< 3 s) of its user being signed out anywhere.
@@ -18,22 +19,24 @@ import time
 import weakref
 
 from flask import current_app, g
-from sqlalchemy import and_, select
+from sqlalchemy import Boolean, Integer, String, cast, literal, null, select, union_all
 
 from . import sse
 from .extensions import db
-from .models import User, UserSession, utcnow
+from .models import ApiKey, RevokedToken, User, UserSession, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 RECHECK_SECONDS = 2.0  # DESIGN: one query per worker per tick, <= 5 s
 
 
 class Watch:
-    """One open stream's credential. `version`: the bearer token's token_version (None: not a token);
-    `session_id`: the browser session's row (None: not a browser)."""
+    """One open stream's credential. `version` and `jti`: the bearer token's token_version and id
+    (None: not a token); `key_id`: the API key's row (None: not a key); `session_id`: the browser
+    session's row (None: not a browser)."""
 
-    def __init__(self, user_id, version=None, session_id=None):
+    def __init__(self, user_id, version=None, session_id=None, jti=None, key_id=None):
         self.user_id, self.version, self.session_id = user_id, version, session_id
+        self.jti, self.key_id = jti, key_id
         self.reason = None  # set by the checker: "signed_out" or "account_disabled"
 
     def still_allowed(self):
@@ -53,18 +56,19 @@ class _Unwatched(Watch):
         super().__init__(None)
 
 
-def watch(user_id=None, version=None, session_id=None):
+def watch(user_id=None, version=None, session_id=None, jti=None, key_id=None):
     """Register the current request's stream (its credential comes from the request unless given:
-    guard.token_required and auth/sessions.load record it in `g`). Keep the returned object for as
+    guard.bearer_user and auth/sessions.load record it in `g`). Keep the returned object for as
     long as the stream runs."""
     if user_id is None:
         user_id = g.get("auth_user_id")
         if user_id is None:
             return _Unwatched()
         version, session_id = g.get("auth_token_version"), g.get("user_session_id")
-    if version is None and session_id is None:
+        jti, key_id = g.get("auth_jti"), g.get("auth_key_id")
+    if version is None and session_id is None and key_id is None:
         return _Unwatched()
-    item = Watch(user_id, version, session_id)
+    item = Watch(user_id, version, session_id, jti, key_id)
     _watcher(current_app._get_current_object()).add(item)
     return item
 
@@ -112,21 +116,47 @@ class _Watcher:
 
     @staticmethod
     def check(items):
-        """ONE query for every watched user and session of this process."""
-        user_ids = {item.user_id for item in items}
-        session_ids = {item.session_id for item in items if item.session_id is not None}
-        rows = db.session.execute(
-            select(User.id, User.is_active, User.token_version, UserSession.id, UserSession.revoked_at,
-                   UserSession.expires_at)
-            .outerjoin(UserSession, and_(UserSession.user_id == User.id, UserSession.id.in_(session_ids)))
-            .where(User.id.in_(user_ids))).all()
+        """ONE query for every watched user, session, API key and token of this process."""
+        rows = db.session.execute(_recheck_query(items)).all()
         now = utcnow()
-        users = {row[0]: (row[1], row[2]) for row in rows}
-        live_sessions = {row[3] for row in rows if row[3] is not None and row[4] is None and row[5] > now}
+        users = {row.num: (row.active, row.version) for row in rows if row.kind == "u"}
+        live = {(row.kind, row.num) for row in rows
+                if row.kind in ("s", "k") and row.revoked_at is None
+                and (row.expires_at is None or row.expires_at > now)}
+        revoked_jtis = {row.text for row in rows if row.kind == "t"}
         for item in items:
             active, version = users.get(item.user_id, (False, None))
             if not active:
                 item.reason = "account_disabled"
             elif ((item.version is not None and item.version != version)
-                  or (item.session_id is not None and item.session_id not in live_sessions)):
+                  or (item.jti is not None and item.jti in revoked_jtis)
+                  or (item.session_id is not None and ("s", item.session_id) not in live)
+                  or (item.key_id is not None and ("k", item.key_id) not in live)):
                 item.reason = "signed_out"
+
+
+def _recheck_query(items):
+    """Tagged rows, one statement: 'u' users (active, token_version), 's' sessions and 'k' keys
+    (revoked_at, expires_at), 't' revoked token ids. Linear in the watches (a join of the four would
+    multiply one user's sessions by their keys and tokens)."""
+    def row(kind, num=None, text=None, active=None, version=None, revoked_at=None, expires_at=None):
+        def typed(value, kind_of, name):
+            return (value if value is not None else cast(null(), kind_of)).label(name)
+        return (literal(kind, String).label("kind"), typed(num, Integer, "num"), typed(text, String, "text"),
+                typed(active, Boolean, "active"), typed(version, Integer, "version"),
+                typed(revoked_at, UTCDateTime, "revoked_at"), typed(expires_at, UTCDateTime, "expires_at"))
+
+    def ids(name):
+        return {getattr(item, name) for item in items if getattr(item, name) is not None}
+
+    parts = [select(*row("u", num=User.id, active=User.is_active, version=User.token_version))
+             .where(User.id.in_(ids("user_id")))]
+    if ids("session_id"):
+        parts.append(select(*row("s", num=UserSession.id, revoked_at=UserSession.revoked_at,
+                                 expires_at=UserSession.expires_at)).where(UserSession.id.in_(ids("session_id"))))
+    if ids("key_id"):
+        parts.append(select(*row("k", num=ApiKey.id, revoked_at=ApiKey.revoked_at, expires_at=ApiKey.expires_at))
+                     .where(ApiKey.id.in_(ids("key_id"))))
+    if ids("jti"):
+        parts.append(select(*row("t", text=RevokedToken.jti)).where(RevokedToken.jti.in_(ids("jti"))))
+    return union_all(*parts) if len(parts) > 1 else parts[0]

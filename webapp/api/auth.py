@@ -7,10 +7,13 @@ repeated parameter, 400 `invalid_grant` for a wrong username or password, 400
 `unsupported_grant_type` for any grant but `password` (which may be omitted, as the seed's FastAPI
 form allowed), 429 `too_many_attempts` with `Retry-After` while sign-ins are throttled, and 503
 `temporarily_unavailable` with `Retry-After` while too many sign-ins wait for the password pool.
+
+POST /auth/revoke: token revocation (RFC 7009) — one access token or API key, given as `token=`.
+POST /auth/logout-all: sign out everywhere (every token and browser session of the caller).
 """
 from flask import g, jsonify, request
 
-from ..auth import throttle, tokens
+from ..auth import api_keys, throttle, tokens
 from ..auth.accounts import authenticate, revoke_all
 from ..auth.hashing import Busy
 from . import bp
@@ -66,12 +69,54 @@ def login():
     return jsonify({"access_token": token, "token_type": "bearer", "expires_in": lifetime}), 200, NO_STORE
 
 
+FORM = "application/x-www-form-urlencoded"
+TOKEN_MAX = 4096  # longer than any token or key we issue: nothing to look up
+
+
 @bp.post("/auth/revoke")
-@token_required
 def revoke():
-    """Sign out everywhere: this token, every other token and every browser session of the caller."""
-    revoke_all(g.api_user)
-    return "", 204
+    """RFC 7009: revoke the one access token (JWT) or personal API key sent as `token`.
+
+    No client authentication: our clients are public (the password grant, no client secret), so
+    holding the token is the proof (RFC 7009 §5: whoever can revoke it could use it). The answer is
+    200 whether the token was live, already revoked, expired, unknown or not ours (§2.2), so it is no
+    oracle; `token_type_hint` is ignored (§2.1 allows it: the token's form says what it is). Errors
+    are RFC 6749 §5.2's, as on the token endpoint: a malformed request (no token, a parameter twice, a
+    body that is not a form, the token in the URL) is 400 invalid_request — not 415, which OAuth
+    clients do not read as an error response. Every well-formed request takes a hit from
+    REVOKE_LIMIT_PER_ADDRESS before anything is looked up, so the answer to a throttled client says
+    nothing about the token either."""
+    form = request.form
+    repeated = sorted(name for name in form if len(form.getlist(name)) > 1)
+    if repeated:  # RFC 6749 §3.2, as RFC 7009 §2.1 builds on it
+        return token_error(400, "invalid_request", f"parameter repeated: {repeated[0]}")
+    if "token" in request.args:  # a URL ends up in logs and histories
+        return token_error(400, "invalid_request", "send token in the request body (a form), not in the URL")
+    if request.content_length and request.mimetype != FORM:
+        return token_error(400, "invalid_request", f"send the token as a form: Content-Type: {FORM}")
+    token = form.get("token", "")
+    if not token:
+        return token_error(400, "invalid_request",
+                           "token is required (form field): the access token or API key to revoke. "
+                           "To sign out everywhere, POST /auth/logout-all with your bearer token.")
+    try:
+        throttle.revocation()
+    except throttle.Throttled as exc:
+        response = token_error(429, "too_many_attempts",
+                               f"too many revocation requests; try again in {exc.retry_after} seconds",
+                               retry_after=exc.retry_after)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except Busy as exc:
+        response = token_error(503, "temporarily_unavailable", exc.description)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    if len(token) <= TOKEN_MAX:
+        if api_keys.looks_like_key(token):
+            api_keys.revoke_by_value(token)
+        else:
+            tokens.revoke(token)
+    return jsonify({}), 200, NO_STORE
 
 
 @bp.post("/auth/logout-all")

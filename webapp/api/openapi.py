@@ -231,9 +231,35 @@ SPEC = {
             "responses": {"204": {"description": "Signed out everywhere; sign in again for a new token"},
                           **_errors("401")}}},
         "/auth/revoke": {"post": {
-            "operationId": "revokeTokens",
-            "summary": "Sign out everywhere: every bearer token and browser session of yours ends",
-            "responses": {"204": {"description": "Revoked; sign in again for a new token"}, **_errors("401")}}},
+            "operationId": "revokeToken",
+            "summary": "Token revocation (RFC 7009): end one access token or API key",
+            "description": "Send the token itself as `token`; that one token (or `llmk_` key) stops working "
+                           "at once on every worker, and streams it opened end within 5 s. Your other "
+                           "tokens, keys and browser sessions go on (to end them all: `/auth/logout-all`). "
+                           "No client authentication: holding the token is the proof. The answer is 200 "
+                           "whatever the token was (live, already revoked, expired, unknown), as RFC 7009 "
+                           "§2.2 says. `token_type_hint` is accepted and ignored. Each parameter at most "
+                           "once, in the body, never in the URL. Every well-formed request counts against "
+                           "a per-address limit (`REVOKE_LIMIT_PER_ADDRESS`).",
+            "security": [],
+            "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["token"], "properties": {
+                    "token": {"type": "string", "minLength": 1,
+                              "description": "an access token from `/auth/login`, or an API key `llmk_...`"},
+                    "token_type_hint": {"type": "string", "examples": ["access_token"],
+                                        "description": "ignored: the token's form tells what it is"}}}}}},
+            "responses": {"200": {**_json({"type": "object", "maxProperties": 0},
+                                          "Done: the token no longer works (or never did)"),
+                                  "headers": {"Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}}}},
+                          "400": _json(_ref("TokenError"), "`invalid_request`: no `token`, a parameter sent "
+                                                           "twice, the token in the URL, or a body that is not "
+                                                           "a form"),
+                          "429": {**_json(_ref("TokenError"), "`too_many_attempts`: too many revocations from "
+                                                              "your address; wait `Retry-After` seconds"),
+                                  "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+                          "503": {**_json(_ref("TokenError"), "`temporarily_unavailable`: retry after "
+                                                              "`Retry-After` seconds"),
+                                  "headers": {"Retry-After": {"schema": {"type": "integer"}}}}}}},
         "/auth/keys": {
             "get": {"operationId": "listApiKeys", "summary": "Your personal API keys (not revoked), newest first",
                     "responses": {"200": _json({"type": "object", "required": ["keys"], "properties": {

@@ -27,6 +27,8 @@ Who is limited, and why not one wall per address
 - sign-up (SIGNUP_LIMIT_PER_ADDRESS, default 5/hour): every well-formed attempt counts, whether it
   makes an account or finds the name taken, so "does alice exist?" probing is throttled while a
   person who picks a taken name is still told so.
+- token revocation (REVOKE_LIMIT_PER_ADDRESS, default 60/minute): every well-formed request, so it
+  cannot be used to look up keys or tokens at volume (its answer is 200 for any token anyway);
 - the settings page's current-password check: per account (the per-user limit), right answers
   given back.
 
@@ -195,6 +197,13 @@ def sign_in(username):
 def sign_up():
     """Every well-formed sign-up attempt, made or refused as taken, counts against the address."""
     return take([(item, f"sign-up|{_address()}") for item in _items("SIGNUP_LIMIT_PER_ADDRESS")], "sign-up")
+
+
+def revocation():
+    """Token revocation (RFC 7009), per client address: every well-formed request counts, whatever the
+    token was, so the limit cannot tell a live token from a dead one, and nobody can make the server
+    look up keys at volume."""
+    return take([(item, f"revoke|{_address()}") for item in _items("REVOKE_LIMIT_PER_ADDRESS")], "revocation")
 
 
 def password_check(user_id):

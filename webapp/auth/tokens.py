@@ -1,18 +1,25 @@
 """Bearer tokens: short-lived HS256 JWTs signed with SECRET_KEY.
 
 Each token carries the user's token_version; bumping it (password change, sign-out everywhere)
-makes every earlier token invalid without a blocklist table.
+makes every earlier token of the account invalid at once. One token alone is revoked (RFC 7009,
+POST /auth/revoke) by its `jti` in revoked_tokens, kept only until the token's own expiry; the
+check rides on the query that loads the token's user, so it costs no extra round trip.
 """
 import time
 import uuid
+from datetime import UTC, datetime
 
 import jwt
 from flask import current_app
+from sqlalchemy import and_, delete, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..extensions import db
-from ..models import User
+from ..limits import MAX_ID
+from ..models import RevokedToken, User, utcnow
 
 ALGORITHM = "HS256"
+JTI_MAX = 64  # the column's width; ours are 32 hex characters
 
 
 class TokenError(Exception):
@@ -27,8 +34,8 @@ def issue(user):
     return jwt.encode(claims, current_app.config["SECRET_KEY"], algorithm=ALGORITHM), lifetime
 
 
-def verify(token):
-    """The active user the token belongs to, or TokenError saying why not."""
+def claims_of(token):
+    """The claims of a token this app signed and that has not expired, or TokenError saying why not."""
     try:
         claims = jwt.decode(token, current_app.config["SECRET_KEY"], algorithms=[ALGORITHM],
                             options={"require": ["sub", "exp", "iat"]})
@@ -36,7 +43,50 @@ def verify(token):
         raise TokenError("token has expired") from None
     except jwt.InvalidTokenError:
         raise TokenError("token is invalid") from None
-    user = db.session.get(User, int(claims["sub"])) if str(claims["sub"]).isdigit() else None
-    if user is None or not user.is_active or claims.get("ver") != user.token_version:
+    jti = claims.get("jti")  # every token we sign has one (checked after expiry, which says more)
+    sub = str(claims["sub"])
+    # A user id bigger than an INTEGER column holds would make PostgreSQL fail, not say "invalid".
+    if not (sub.isdigit() and int(sub) <= MAX_ID and isinstance(jti, str) and 0 < len(jti) <= JTI_MAX):
+        raise TokenError("token is invalid")
+    return claims
+
+
+def verify(token):
+    """The active user the token belongs to (with `token_jti`: what an open stream re-checks), or
+    TokenError saying why not. One query: the user, left-joined with the token's denylist row."""
+    claims = claims_of(token)
+    row = db.session.execute(
+        select(User, RevokedToken.jti)
+        .outerjoin(RevokedToken, and_(RevokedToken.jti == claims["jti"], RevokedToken.user_id == User.id))
+        .where(User.id == int(claims["sub"]))).first()
+    if row is None:
         raise TokenError("token is no longer valid")
+    user, revoked = row
+    if revoked is not None:
+        raise TokenError("token was revoked")
+    if not user.is_active or claims.get("ver") != user.token_version:
+        raise TokenError("token is no longer valid")
+    user.token_jti = claims["jti"]
     return user
+
+
+def revoke(token):
+    """RFC 7009 for one access token: deny its jti until it expires. True if the token was one of ours,
+    unexpired, and now is (or already was) revoked; False for anything else (nothing to do)."""
+    try:
+        claims = claims_of(token)
+    except TokenError:
+        return False
+    now = utcnow()
+    # Ended rows are useless once their token would have expired: purge them here (indexed, and
+    # revocations are rare), so the table holds at most one token lifetime of revocations.
+    db.session.execute(delete(RevokedToken).where(RevokedToken.expires_at < now))
+    expires_at = datetime.fromtimestamp(int(claims["exp"]), UTC)
+    # Only for an existing user (a deleted account's token has nothing to deny, and the FK would refuse).
+    rows = select(literal(claims["jti"]), User.id, literal(expires_at, RevokedToken.expires_at.type)).where(
+        User.id == int(claims["sub"]))
+    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
+    db.session.execute(dialect.insert(RevokedToken).from_select(["jti", "user_id", "expires_at"], rows)
+                       .on_conflict_do_nothing())
+    db.session.commit()
+    return True
