@@ -149,10 +149,10 @@ generations = Generations()
 
 class _Finisher:
     """The final saves of this process's answers, group-committed: an answer ending alone is saved
-    at once by its own task (answers.finish, as before); answers ending while a save is being
-    committed queue up and the first of them then saves them all in one transaction
-    (answers.finish_many), so a burst of 500 streams ending together costs a few commits, not 500,
-    and nothing waits for a timer. A failed batch falls back to each answer's own retried save."""
+    at once by its own task; answers ending while a save is being committed queue up and the first
+    of them then saves them all in one transaction (answers.finish_many), so a burst of 500 streams
+    ending together costs a few commits, not 500, and nothing waits for a timer. A failed batch
+    falls back to each answer's own retried save (answers.finish)."""
 
     _LEAD = object()
 
@@ -205,11 +205,12 @@ class _Finisher:
 
     @staticmethod
     def _commit(items):
-        if len(items) > 1:
-            try:
-                return answers.finish_many(items)
-            except Exception:
-                log.exception("saving %d answers together failed; saving them one by one", len(items))
+        """One transaction for the batch (alone too: it also tells a row deleted meanwhile, 0); if it
+        fails, each answer's own save with its retries."""
+        try:
+            return answers.finish_many(items)
+        except Exception:
+            log.exception("saving %d answer(s) failed; saving them one by one, with retries", len(items))
         return [answers.finish(message_id, conversation_id, status, text, code, error, usage=usage)
                 for message_id, conversation_id, status, text, code, error, usage in items]
 
