@@ -18,8 +18,8 @@ from pg import TestDatabase
 os.environ.pop("DATABASE_URL", None)  # never let a developer's .env point the suite at real data
 os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
 
-TABLES = ("messages", "conversations", "api_keys", "user_sessions", "setup_claims", "users", "rate_limit_hits",
-          "revoked_tokens")
+TABLES = ("idempotency_keys", "messages", "conversations", "api_keys", "user_sessions", "setup_claims", "users",
+          "rate_limit_hits", "revoked_tokens")
 
 
 

@@ -11,6 +11,8 @@ SEARCH_QUERY_MAX = 200    # characters of a sidebar search that are used
 API_KEY_NAME_MAX = 100   # characters in an API key's name
 API_KEY_DAYS_MAX = 3650  # an API key expires after at most this many days (or never)
 MAX_ID = 2**31 - 1        # ids are 32-bit INTEGER columns: bigger numbers cannot exist
+IDEMPOTENCY_KEY_MAX = 255  # characters in an Idempotency-Key (printable ASCII)
+IDEMPOTENCY_KEY_HOURS = 24  # a key is remembered this long; after it, the same key is a new request
 
 # Page sizes: (default, largest a client may ask for).
 CONVERSATION_PAGE = (20, 100)

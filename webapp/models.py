@@ -7,7 +7,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .auth import hashing
 from .extensions import db
-from .limits import API_KEY_NAME_MAX, MODEL_NAME_MAX, TITLE_MAX
+from .limits import API_KEY_NAME_MAX, IDEMPOTENCY_KEY_MAX, MODEL_NAME_MAX, TITLE_MAX
 
 
 def utcnow():
@@ -295,6 +295,27 @@ class ApiKey(db.Model):
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
         }
+
+
+class IdempotencyKey(db.Model):
+    """A request's `Idempotency-Key`, per person, and the answer it opened: a retry with the same key
+    (and the same request, `fingerprint`: a SHA-256 of it) returns or re-attaches to that answer
+    instead of starting another. Inserted in the transaction that opens the answer, first of its
+    writes, so of two simultaneous requests with one key the primary key lets exactly one through.
+    `message_id` is NULL only inside that transaction; deleting the answer (or its conversation)
+    deletes the key with it. Keys count for IDEMPOTENCY_KEY_HOURS (24); older rows are ignored and
+    removed by the person's next keyed request (webapp/service/idempotency.py)."""
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        Index("ix_idempotency_keys_user_id_created_at", "user_id", "created_at"),
+        Index("ix_idempotency_keys_message_id", "message_id"),  # the cascade from messages finds its row
+    )
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_MAX), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class RevokedToken(db.Model):

@@ -1,14 +1,14 @@
 """revoked tokens: single bearer tokens (JWT ids) revoked through RFC 7009, until they expire
 
 Revision ID: 0011
-Revises: 0009 (the coordinator rebases it onto 0010 when both land)
+Revises: 0010
 Create Date: 2026-11-27 09:45:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0011'
-down_revision = '0009'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 

@@ -2,10 +2,11 @@
 import re
 from functools import wraps
 
-from flask import g, request
+from flask import after_this_request, g, request
 
 from ..auth import api_keys, tokens
 from ..errors import ServiceError
+from ..limits import IDEMPOTENCY_KEY_MAX
 from .errors import error_response
 
 
@@ -44,6 +45,38 @@ def _unauthorized(message, error="invalid_token"):
     """RFC 6750 §3: no credentials get a bare challenge; a bad or expired token says invalid_token."""
     challenge = 'Bearer realm="api"' + (f', error="{error}", error_description="{message}"' if error else "")
     return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# An RFC 8941 sf-string, as draft-ietf-httpapi-idempotency-key-header writes the key: "…" with \" and \\.
+SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])+)"')
+SF_ESCAPE = re.compile(r'\\(["\\])')
+
+
+def idempotency_key():
+    """The request's Idempotency-Key (None without one), or a 400 (`invalid_idempotency_key`). Both
+    spellings in use are taken: the draft's quoted sf-string (`"8e03…"`) and Stripe's bare value, and
+    they name the same key. 1 to 255 printable ASCII characters. (A header sent twice reaches the app
+    joined with a comma, as HTTP combines fields: one other key, not a refusal.)"""
+    raw = request.headers.get(IDEMPOTENCY_HEADER)
+    if raw is None:
+        return None
+    raw = raw.strip(" \t")
+    quoted = SF_STRING.fullmatch(raw)
+    key = SF_ESCAPE.sub(r"\1", quoted.group(1)) if quoted else raw
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all(" " <= char <= "~" for char in key):
+        raise ServiceError(400, "invalid_idempotency_key", f"the Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} "
+                           "printable ASCII characters (a UUID is a good one)", IDEMPOTENCY_HEADER)
+    return key
+
+
+def mark_replayed():
+    """`Idempotent-Replayed: true` (Stripe's header) on whatever this request answers, errors included:
+    the answer is the first request's, not a new one."""
+    @after_this_request
+    def header(response):
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
 
 
 # A UTF-16 surrogate that is not half of a pair: JSON's "\ud800" decodes to one, and no UTF-8 text

@@ -13,6 +13,8 @@ from ..limits import (
     API_KEY_DAYS_MAX,
     API_KEY_NAME_MAX,
     CONVERSATION_PAGE,
+    IDEMPOTENCY_KEY_HOURS,
+    IDEMPOTENCY_KEY_MAX,
     MAX_ID,
     MESSAGE_PAGE,
     MODEL_NAME_MAX,
@@ -98,6 +100,26 @@ SSE = {"description": "The answer as Server-Sent Events:\n\n" + SSE_GRAMMAR, "co
 MODEL = {"type": "string", "pattern": NOT_BLANK, "maxLength": MODEL_NAME_MAX,
          "description": "a name `GET /models` lists (`llama3.2` stands for `llama3.2:latest`), or one the "
                         "operator allows; any other is refused with 422 `unknown_model`"}
+IDEMPOTENCY = f"""**Safe retries.** Send `Idempotency-Key: <a new UUID>` (1 to {IDEMPOTENCY_KEY_MAX} printable
+ASCII characters; the quoted form `"…"` of draft-ietf-httpapi-idempotency-key-header names the same key)
+and retry with the same key and the same body when the connection drops or times out: the retry gets
+the first attempt's answer — the same `message_id` and `conversation_id`, with `Idempotent-Replayed:
+true` — waiting for it while it is generated, and no second answer is started. A retried stream
+replays the answer from the start, or continues after `Last-Event-ID`. Requests racing with one key
+make one answer. Keys are per person and remembered for {IDEMPOTENCY_KEY_HOURS} hours; the key with
+another body (prompt, conversation, model or options; `stream` does not count) is a 422
+`idempotency_key_reused`. A failed answer is replayed as its failure: use a new key to try again."""
+IDEMPOTENCY_PARAMETERS = [
+    {"name": "Idempotency-Key", "in": "header", "required": False,
+     "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX,
+                "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$"},
+     "description": "makes a retry return (or re-attach to) the first attempt's answer; see the description"},
+    {"name": "Last-Event-ID", "in": "header", "required": False,
+     "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+     "description": "with `Idempotency-Key` and `stream: true`, on a retry: the `id` of the last event received; "
+                    "the replay goes on right after it (ignored on a first attempt)"}]
+REPLAYED = {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
+                                    "description": "this is a retry's answer: the first attempt's, not a new one"}}
 METHOD_NOT_ALLOWED = _json(_ref("Error"), "This path does not take this method; `Allow` lists those it takes")
 METHOD_NOT_ALLOWED["headers"] = {"Allow": {"schema": {"type": "string"}, "description": "e.g. `GET, POST`"}}
 
@@ -115,7 +137,8 @@ SPEC = {
                             "except the token endpoint's, which follow RFC 6749 §5.2. Personal API keys "
                             "(`llmk_...`, made at `/auth/keys`) work as bearer tokens too. `/v1` is "
                             "OpenAI's chat API (models, chat completions) for OpenAI clients: it follows "
-                            "OpenAI's own description and is not repeated here."},
+                            "OpenAI's own description and is not repeated here (it takes `Idempotency-Key` "
+                            "as `POST /chat/` does)."},
     "servers": [{"url": "/", "description": "this server"}],
     "components": {
         "securitySchemes": {
@@ -283,10 +306,18 @@ SPEC = {
                        "responses": {"204": {"description": "Revoked"}, **_errors("401", "404")}}},
         "/chat/": {"post": {
             "operationId": "chatTurn", "summary": "One turn: whole JSON answer, or SSE with `stream: true`",
+            "description": IDEMPOTENCY, "parameters": IDEMPOTENCY_PARAMETERS,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
             "responses": {"200": {**_json(_ref("TurnResult")), "content": {
-                "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}},
-                **_errors("400", "401", "404", "409", "415", "422", "429", "502", "503", "504")}}},
+                "application/json": {"schema": _ref("TurnResult")}, **SSE["content"]}, "headers": REPLAYED},
+                "204": {"description": "A retried stream whose `Last-Event-ID` is already at the end of the "
+                                       "finished answer: nothing more will come (no body)", "headers": REPLAYED},
+                **_errors("401", "404", "409", "415", "429", "502", "503", "504"),
+                "400": _json(_ref("Error"), "Malformed JSON, `invalid_idempotency_key` (not 1 to "
+                                            f"{IDEMPOTENCY_KEY_MAX} printable ASCII characters) or "
+                                            "`invalid_last_event_id`"),
+                "422": _json(_ref("Error"), ERRORS["422"]["description"] + "; `idempotency_key_reused`: this "
+                                            "`Idempotency-Key` came with another request before")}}},
         "/conversations": {
             "get": {"operationId": "listConversations", "summary": "Your conversations, newest first", "parameters": [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,

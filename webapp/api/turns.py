@@ -5,7 +5,7 @@ from .. import service, sse, stream_auth
 from ..errors import ANSWER_ERROR_STATUS, invalid
 from . import bp
 from .errors import error_response
-from .guard import json_body, token_required
+from .guard import idempotency_key, json_body, mark_replayed, token_required
 
 
 def parse_options(raw):
@@ -67,11 +67,20 @@ def stream_ids(conversation_id, message_id, model, user_message_id=None):
 def chat_turn():
     data = json_body()
     conversation_id, stream, options = parse_turn_request(data)
+    key = idempotency_key()
+    # A retried stream may say how far it got (the same ids as every stream); read before anything starts.
+    since = sse.last_event_id() if key and stream else None
     turn = service.start_turn(g.api_user, data.get("prompt"), conversation_id, data.get("model"),
-                              g.request_id, options)
+                              g.request_id, options, idempotency_key=key)
+    if turn.replayed:
+        mark_replayed()
     if stream:
+        if not turn.replayed:
+            since = None  # the client's offset belongs to no answer of this key (a new request, or expired)
+        elif sse.at_end(not service.is_active(turn.answer), len(turn.answer.content), since):
+            return sse.finished()
         ids = stream_ids(turn.conversation_id, turn.message_id, turn.model, turn.user_message_id)
-        return sse.response(stream_turn(ids, turn.prompt))
+        return sse.response(stream_turn(ids, turn.prompt, since=since or 0))
     return finished_response(service.wait_final(turn.message_id), turn.prompt, turn.user_message_id)
 
 

@@ -6,7 +6,9 @@ It follows OpenAI's semantics where they differ from the app's own API (DESIGN.m
   invalid_api_key, 404 model_not_found, 400 invalid_request_error, 429 rate_limit_exceeded);
 - the model receives exactly the client's messages (no system prompt or history of ours is added);
 - a client that goes away cancels the call: the answer is saved as `cancelled` with its partial text
-  (the app's own /chat/ and the pages keep generating for a client that left);
+  (the app's own /chat/ and the pages keep generating for a client that left) -- unless the call
+  has an `Idempotency-Key`: that client has said it will retry, so the answer goes on and the retry
+  gets it whole;
 - every request field is mapped, ignored for a stated reason, or refused with a 400 (REQUEST_FIELDS
   below; the README's table says the same), never silently dropped.
 Every call runs through the chat service and is saved in a conversation marked as made through the
@@ -26,7 +28,7 @@ from .. import service
 from ..auth import api_keys, tokens
 from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError, with_http_headers
 from ..extensions import db, llm_service
-from .guard import bearer_user
+from .guard import bearer_user, idempotency_key, mark_replayed
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -110,6 +112,8 @@ def service_error(exc):
 
 
 def from_service_error(exc):
+    if exc.code == "idempotency_key_reused":  # the draft's 422 (the SDKs raise UnprocessableEntityError)
+        return OpenAIError(422, exc.message, "invalid_request_error", exc.code)
     if exc.status == 429:
         return OpenAIError(429, exc.message, "requests", "rate_limit_exceeded", headers=getattr(exc, "headers", None))
     if exc.status in (400, 415, 422):  # OpenAI answers every malformed request with 400
@@ -346,21 +350,27 @@ def chat_completions():
     if not isinstance(data, dict):
         raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json")
     model, messages, options, stream, include_usage, conversation_id = parse_request(data)
+    key = idempotency_key()
     _check_model(model)
     try:
-        turn = service.start_exchange(g.api_user, messages, conversation_id, model, g.request_id, options)
+        turn = service.start_exchange(g.api_user, messages, conversation_id, model, g.request_id, options,
+                                      idempotency_key=key)
     except ServiceError as exc:
         if exc.code == "not_found":
             raise OpenAIError(404, "conversation not found", code="conversation_not_found",
                               param="metadata.conversation_id") from None
         raise
+    if turn.replayed:
+        mark_replayed()
     headers = {"X-Conversation-Id": str(turn.conversation_id)}
+    # With an Idempotency-Key the client has said it will retry: hanging up does not cancel the answer.
     gone = ClientWatch(request.environ)
+    cancel = key is None
     if stream:
-        return Response(stream_with_context(stream_chunks(turn, include_usage, gone)),
+        return Response(stream_with_context(stream_chunks(turn, include_usage, gone, cancel)),
                         mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-    final = wait_or_cancel(turn.message_id, gone)
+    final = wait_or_cancel(turn.message_id, gone) if cancel else service.wait_final(turn.message_id)
     if final is None:
         raise OpenAIError(404, "the conversation was deleted during the answer", code="conversation_not_found")
     if final.status == "error" or final.status == "interrupted":
@@ -408,10 +418,11 @@ def _frame(payload):
     return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
-def stream_chunks(turn, include_usage, gone):
+def stream_chunks(turn, include_usage, gone, cancel=True):
     """chat.completion.chunk frames, then `data: [DONE]`. A client that goes away (the server's write
     fails and closes this generator, or the socket is seen closed while the model is quiet) cancels
-    the answer: it is saved as cancelled with its partial text."""
+    the answer: it is saved as cancelled with its partial text (`cancel` False, with an
+    Idempotency-Key: it goes on, and a retry replays it from the first chunk)."""
     base = _base(turn, "chat.completion.chunk")
     extra = {"usage": None} if include_usage else {}
 
@@ -443,7 +454,7 @@ def stream_chunks(turn, include_usage, gone):
                 return
         finished = True  # the answer's row is gone (conversation deleted)
     finally:
-        if not finished:
+        if not finished and cancel:
             service.cancel(turn.message_id)
 
 

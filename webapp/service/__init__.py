@@ -3,6 +3,7 @@ JSON API (webapp/api/) and the pages (webapp/web/). Views call only what this fa
 
     conversations  find, list, search, create, change, delete; messages
     turns          start a turn, regenerate, follow an answer, wait for it, stop it
+                   (a turn with an Idempotency-Key replays the first one's answer: idempotency.py)
     export         a conversation as Markdown
 """
 from .conversations import (

@@ -13,6 +13,7 @@ from ..extensions import db, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
 from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, utcnow
+from . import idempotency
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import take_turn
 from .validation import check_model, check_options, clean_prompt, title_from
@@ -27,6 +28,7 @@ class Turn:
     conversation: Conversation
     user_message: Message | None
     answer: Message
+    replayed: bool = False  # a retry (same Idempotency-Key): the first request's answer, not a new one
 
     @property
     def conversation_id(self):
@@ -50,26 +52,80 @@ class Turn:
 
 
 def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, options=None,
-               keep_model=False):
+               keep_model=False, idempotency_key=None):
     """Save the prompt, claim the conversation, start generating; returns the Turn at once.
-    `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's."""
+    `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's.
+    `idempotency_key`: a retry with the same key and request gets the first one's Turn (`replayed`)."""
     prompt = clean_prompt(prompt)
     model = check_model(model) if model is not None else None
     options = check_options(options)
-    if conversation_id is None:
-        conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
-        db.session.flush()
-        history = []  # a new conversation has nothing before this prompt
-    else:
-        conversation = get_conversation(user, conversation_id)
-        if keep_model and model:
-            conversation.model = model
-        history = None
-    model = model or conversation.model
-    prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
-                                                 is_live=generations.is_live, queued=_queue_on(),
-                                                 guard=lambda: take_turn(user))
-    return _launch(conversation, prompt_message, answer, options, history)
+
+    def start(claim):
+        if conversation_id is None:
+            conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
+            db.session.flush()
+            history = []  # a new conversation has nothing before this prompt
+        else:
+            conversation = get_conversation(user, conversation_id)
+            if keep_model and model:
+                conversation.model = model
+            history = None
+        prompt_message, answer = answers.open_answer(conversation, model or conversation.model, request_id,
+                                                     prompt=prompt, is_live=generations.is_live,
+                                                     queued=_queue_on(), guard=_guard(user, claim))
+        return _launch(conversation, prompt_message, answer, options, history, claim=claim)
+
+    return _once(user, idempotency_key, start, "chat", prompt=prompt, conversation_id=conversation_id,
+                 model=model, options=options)
+
+
+def _guard(user, claim):
+    """What open_answer runs first in each attempt's transaction: the Idempotency-Key's row (before
+    the per-person limits and the conversation's claim, so two requests with one key meet there and
+    nowhere else), then the per-person limits."""
+    def guard():
+        if claim is not None:
+            idempotency.claim(*claim)
+        take_turn(user)
+    return guard
+
+
+def _once(user, key, start, operation, **request):
+    """`start(claim)` unless this key already opened an answer for this request: then that answer's
+    Turn, marked replayed. A request that loses the race for its key to a simultaneous one (KeyTaken:
+    its own transaction is rolled back whole) re-attaches to the winner's answer."""
+    if key is None:
+        return start(None)
+    claim = (user.id, key, idempotency.fingerprint(operation, **request))
+    for _ in range(3):
+        message_id = idempotency.find(*claim)
+        turn = _replay(message_id) if message_id is not None else None
+        if turn is not None:
+            return turn
+        try:
+            return start(claim)
+        except idempotency.KeyTaken:
+            continue  # the winner committed: find its answer
+    raise ServiceError(409, "idempotency_key_busy", "another request with this Idempotency-Key is being "
+                                                    "handled; retry in a moment", "Idempotency-Key")
+
+
+def _replay(message_id):
+    """The Turn a key's first request started, read anew (detached, no connection kept); None if gone."""
+    db.session.expire_all()
+    answer = db.session.get(Message, message_id)
+    turn = None
+    if answer is not None:
+        conversation = db.session.get(Conversation, answer.conversation_id)
+        prompt = db.session.scalars(select(Message).where(
+            Message.conversation_id == answer.conversation_id, Message.id < answer.id, Message.role == "user")
+            .order_by(Message.id.desc()).limit(1)).first()
+        rows = [row for row in (conversation, prompt, answer) if row is not None]
+        for row in rows:
+            db.session.expunge(row)
+        turn = Turn(conversation, prompt, answer, replayed=True)
+    db.session.rollback()  # ends the read: the connection goes back to the pool
+    return turn
 
 
 def _queue_on():
@@ -92,43 +148,50 @@ def regenerate(user, conversation_id, model=None, request_id=None, options=None)
     return _launch(conversation, None, answer, options, None)
 
 
-def start_exchange(user, messages, conversation_id=None, model=None, request_id=None, options=None):
+def start_exchange(user, messages, conversation_id=None, model=None, request_id=None, options=None,
+                   idempotency_key=None):
     """A turn whose context is given whole by the caller (the OpenAI-compatible /v1): the model
     receives exactly `messages` ([{"role", "content"}], checked by the door; the last one is the
     user's). The exchange is saved in a conversation marked as made through the API: a new one, or
     `conversation_id`'s when its stored path (system prompt, then its messages, failed answers left
     out) is the start of `messages` — then only the messages past it are stored. When the stored path
     does not match (the client edited its history), a new conversation is made: nothing is lost and
-    nothing is overwritten. Returns the Turn at once, as start_turn does."""
+    nothing is overwritten. Returns the Turn at once, as start_turn does (and replays as it does for
+    an `idempotency_key` seen before)."""
     model = check_model(model)
     options = check_options(options)
     prompt = clean_prompt(messages[-1]["content"])
-    conversation, stored = None, 0
-    if conversation_id is not None:
-        conversation = get_conversation(user, conversation_id)
-        stored = _stored_prefix(conversation, messages)
-        if stored is None:
-            conversation, stored = None, 0
-    if conversation is None:
-        system = messages[0]["content"] if messages[0]["role"] == "system" and len(messages) > 1 else ""
-        if len(system) > SYSTEM_PROMPT_MAX:
-            system = ""  # too long for the conversation's system prompt: stored as a message instead
-        conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
-                                           commit=False)
-        conversation.source = SOURCE_API
-        db.session.flush()
-        stored = 1 if system else 0
-    now = utcnow()
-    earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
-                       request_id=request_id, created_at=now) for m in messages[stored:-1]]
-    if earlier:
-        db.session.add_all(earlier)
-        conversation.message_count += len(earlier)  # open_answer's claim counts on from here
-        db.session.flush()
-    prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
-                                                 is_live=generations.is_live, queued=_queue_on(),
-                                                 guard=lambda: take_turn(user))
-    return _launch(conversation, prompt_message, answer, options, None, context=list(messages))
+
+    def start(claim):
+        conversation, stored = None, 0
+        if conversation_id is not None:
+            conversation = get_conversation(user, conversation_id)
+            stored = _stored_prefix(conversation, messages)
+            if stored is None:
+                conversation, stored = None, 0
+        if conversation is None:
+            system = messages[0]["content"] if messages[0]["role"] == "system" and len(messages) > 1 else ""
+            if len(system) > SYSTEM_PROMPT_MAX:
+                system = ""  # too long for the conversation's system prompt: stored as a message instead
+            conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
+                                               commit=False)
+            conversation.source = SOURCE_API
+            db.session.flush()
+            stored = 1 if system else 0
+        now = utcnow()
+        earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
+                           request_id=request_id, created_at=now) for m in messages[stored:-1]]
+        if earlier:
+            db.session.add_all(earlier)
+            conversation.message_count += len(earlier)  # open_answer's claim counts on from here
+            db.session.flush()
+        prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
+                                                     is_live=generations.is_live, queued=_queue_on(),
+                                                     guard=_guard(user, claim))
+        return _launch(conversation, prompt_message, answer, options, None, context=list(messages), claim=claim)
+
+    return _once(user, idempotency_key, start, "chat.completions", messages=messages,
+                 conversation_id=conversation_id, model=model, options=options)
 
 
 def _stored_prefix(conversation, messages):
@@ -148,7 +211,9 @@ def _stored_prefix(conversation, messages):
     return len(path)
 
 
-def _launch(conversation, prompt_message, answer, options, history, context=None):
+def _launch(conversation, prompt_message, answer, options, history, context=None, claim=None):
+    if claim is not None:
+        idempotency.bind(claim[0], claim[1], answer.id)
     messages = context if context is not None else build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
               options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
