@@ -182,7 +182,7 @@ def flush(texts):
     db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
                                            or_(*(table.c.status == status for status in RUNNING_STATUSES)))
                        .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
-                       [{"message_id": message_id, "text": text} for message_id, text in texts.items()])
+                       [{"message_id": message_id, "text": text} for message_id, text in sorted(texts.items())])
     db.session.commit()
 
 
@@ -230,12 +230,16 @@ def finish(message_id, conversation_id, status, text, code=None, error=None, usa
 def finish_many(items):
     """Several answers' final writes (each as `finish` takes them: message_id, conversation_id,
     status, text, code, error, usage) in ONE transaction: a burst of answers ending together costs
-    one commit, not one each. Returns, per item, 1 when saved and 0 when its row was gone (the
-    conversation deleted meanwhile); raises (rolled back) on failure, for the caller to retry one
-    by one. Every item's usage has the same keys (generation._usage)."""
+    one commit, not one each. Returns the ids of the answers saved (one missing: its row was gone,
+    the conversation deleted meanwhile); raises (rolled back) on failure, for the caller to retry one
+    by one. Every item's usage has the same keys (generation._usage).
+
+    Rows are written in message id order, as `flush` writes them: two transactions that lock
+    several of the same rows in different orders can deadlock (the watchdog's flush and a batch)."""
     now = utcnow()
     table, conversations = Message.__table__, Conversation.__table__
     usage_keys = sorted(items[0][6] or {})
+    items = sorted(items, key=lambda item: item[0])
     try:
         saved = db.session.execute(
             update(table).where(table.c.id == bindparam("b_id")).values(
@@ -257,7 +261,7 @@ def finish_many(items):
     except Exception:
         db.session.rollback()
         raise
-    return [1 if item[0] in existing else 0 for item in items]
+    return existing
 
 
 def interrupted(message_id, conversation_id, text):

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from flask import current_app
+from sqlalchemy.exc import DBAPIError
 
 from . import answers, llm
 from .extensions import db
@@ -208,7 +209,11 @@ class _Finisher:
         """One transaction for the batch (alone too: it also tells a row deleted meanwhile, 0); if it
         fails, each answer's own save with its retries."""
         try:
-            return answers.finish_many(items)
+            saved = answers.finish_many(items)
+            return [1 if item[0] in saved else 0 for item in items]
+        except DBAPIError as exc:  # e.g. a deadlock with another writer: each row alone cannot deadlock
+            log.warning("saving %d answer(s) together failed (%s); saving them one by one",
+                        len(items), str(exc.orig).splitlines()[0] if exc.orig else exc)
         except Exception:
             log.exception("saving %d answer(s) failed; saving them one by one, with retries", len(items))
         return [answers.finish(message_id, conversation_id, status, text, code, error, usage=usage)
