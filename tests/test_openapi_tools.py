@@ -14,7 +14,7 @@ from openapi_spec_validator import validate as validate_spec
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from helpers import PASSWORD, make_user
+from helpers import PASSWORD, both_databases, make_user
 from live import LiveServer
 
 METHODS = {"get", "post", "patch", "delete", "put"}
@@ -224,6 +224,7 @@ def generated_client(tmp_path, client):
             del sys.modules[name]
 
 
+@both_databases
 def test_a_generated_client_signs_in_chats_lists_and_gets_typed_failures(generated_client, app, ollama,
                                                                         database_url):
     from llm_client import AuthenticatedClient, Client

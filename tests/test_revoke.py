@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 
 import jwt
+import openai
 import pytest
 import requests
 from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
@@ -233,6 +234,37 @@ def test_open_streams_end_with_their_token_or_key_revoked_on_another_server(serv
         requests.post(f"{other.url}/conversations/{conversation['id']}/stop", headers=again, timeout=10)
     for response in streams.values():
         response.close()
+
+
+def test_an_open_v1_stream_ends_when_its_key_is_revoked(servers, app, ollama):
+    """/v1 streams are watched too: the openai SDK's stream raises the error frame within 5 s of the
+    key being revoked on another server, and the call is saved as cancelled, as when its client goes."""
+    make_user(app)
+    ollama.script(**LONG_ANSWER)
+    streaming, other = servers(workers=2), servers()
+    auth = login(other.url, "alice", PASSWORD)
+    key = requests.post(other.url + "/auth/keys", json={"name": "sdk"}, headers=auth, timeout=10).json()["key"]
+    client = openai.OpenAI(base_url=streaming.url + "/v1", api_key=key, max_retries=0, timeout=20)
+    stream = client.chat.completions.create(model="tinyllama", stream=True,
+                                            messages=[{"role": "user", "content": "talk"}])
+    texts, revoked_at = [], None
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            texts.append(chunk.choices[0].delta.content or "")
+            if revoked_at is None and "".join(texts):
+                revoked_at = time.monotonic()
+                assert requests.post(other.url + "/auth/revoke", data={"token": key}, timeout=10).status_code == 200
+    assert revoked_at is not None and time.monotonic() - revoked_at < ENDS_WITHIN
+    assert "no longer valid" in str(caught.value)
+    conversation = requests.get(other.url + "/conversations", headers=auth, timeout=10).json()["conversations"][0]
+    deadline = time.monotonic() + 10
+    while True:
+        messages = requests.get(f"{other.url}/conversations/{conversation['id']}", headers=auth,
+                                timeout=10).json()["messages"]
+        if messages[-1]["status"] != "streaming" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert messages[-1]["status"] == "cancelled", messages[-1]
 
 
 @pytest.fixture(autouse=True)

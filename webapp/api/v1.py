@@ -24,7 +24,7 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
-from .. import service
+from .. import service, stream_auth
 from ..auth import api_keys, tokens
 from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError, with_http_headers
 from ..extensions import db, llm_service
@@ -422,7 +422,9 @@ def stream_chunks(turn, include_usage, gone, cancel=True):
     """chat.completion.chunk frames, then `data: [DONE]`. A client that goes away (the server's write
     fails and closes this generator, or the socket is seen closed while the model is quiet) cancels
     the answer: it is saved as cancelled with its partial text (`cancel` False, with an
-    Idempotency-Key: it goes on, and a retry replays it from the first chunk)."""
+    Idempotency-Key: it goes on, and a retry replays it from the first chunk). A stream whose key or
+    token is revoked (or whose account is signed out everywhere or disabled) ends the same way, after
+    an error frame saying so."""
     base = _base(turn, "chat.completion.chunk")
     extra = {"usage": None} if include_usage else {}
 
@@ -431,9 +433,14 @@ def stream_chunks(turn, include_usage, gone, cancel=True):
                                             "finish_reason": finish_reason}], **extra})
 
     finished = False
+    watch = stream_auth.watch()
     try:
         yield chunk({"role": "assistant", "content": ""})
         for kind, value in service.follow(turn.message_id):
+            if not watch.still_allowed():
+                yield _frame(error_body("Your API key or token is no longer valid: the call was ended.",
+                                        "invalid_request_error", "invalid_api_key"))
+                return
             if kind == "token":
                 yield chunk({"content": value})
             elif kind == "idle" and gone():

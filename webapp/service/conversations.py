@@ -4,14 +4,16 @@ import base64
 from datetime import datetime
 
 from flask import current_app
-from sqlalchemy import and_, delete, exists, or_, select
+from sqlalchemy import delete, select
 
 from .. import answers
 from ..errors import ServiceError, not_found
 from ..extensions import db
 from ..generation import generations
 from ..limits import MAX_ID
-from ..models import FINAL_STATUSES, SOURCE_API, SOURCE_WEB, Conversation, Message, utcnow
+from ..models import SOURCE_API, SOURCE_WEB, Conversation, Message, utcnow
+from . import search
+from .search import search_conditions  # noqa: F401  (the façade exports it)
 from .validation import as_id, check_model, clean_system_prompt, clean_title
 
 SOURCES = (SOURCE_WEB, SOURCE_API)  # the doors a conversation can come from
@@ -94,42 +96,25 @@ def decode_cursor(cursor):
 
 def list_conversations(user, limit=20, cursor=None, query=None, source=None):
     """Newest first, keyset-paginated on (updated_at, id) so page 500 costs what page 1 does.
-    `source`: only those made through that door ("web", or "api" for /v1)."""
-    rows = db.session.scalars(conversations_query(user.id, cursor, query, source).limit(limit + 1)).all()
+    `query`: only those whose title or finished messages contain it (search.py: it stops as soon as
+    the page is full). `source`: only those made through that door ("web", or "api" for /v1)."""
+    source_filter = None
+    if source is not None:
+        if source not in SOURCES:
+            raise ServiceError(400, "invalid_field", f"source must be one of {', '.join(SOURCES)}", "source")
+        source_filter = Conversation.source == source
+    after = decode_cursor(cursor) if cursor else None
+    if query and query.strip():
+        rows = search.search(user.id, query, after, limit + 1, source_filter)
+    else:
+        stmt = select(Conversation).where(Conversation.user_id == user.id, search.older_than(after))
+        if source_filter is not None:
+            stmt = stmt.where(source_filter)
+        rows = db.session.scalars(stmt.order_by(*search.NEWEST_FIRST).limit(limit + 1)).all()
     page = rows[:limit]
     for conversation in page:
         free_if_orphaned(conversation)
     return page, (encode_cursor(page[-1]) if len(rows) > limit else None)
-
-
-def conversations_query(user_id, cursor=None, query=None, source=None):
-    stmt = select(Conversation).where(Conversation.user_id == user_id)
-    if source is not None:
-        if source not in SOURCES:
-            raise ServiceError(400, "invalid_field", f"source must be one of {', '.join(SOURCES)}", "source")
-        stmt = stmt.where(Conversation.source == source)
-    if cursor:
-        stamp, last_id = decode_cursor(cursor)
-        stmt = stmt.where(or_(Conversation.updated_at < stamp,
-                              and_(Conversation.updated_at == stamp, Conversation.id < last_id)))
-    if query:
-        title_matches, message_matches = search_conditions(query)
-        stmt = stmt.where(or_(title_matches, exists().where(Message.conversation_id == Conversation.id,
-                                                            *message_matches)))
-    return stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-
-
-def search_conditions(query):
-    """Case-insensitive substring match on titles and on finished messages. Finished only: that is
-    what PostgreSQL's partial trigram index holds (migration 0003); a streaming answer is found once
-    it ends."""
-    pattern = f"%{_escape_like(query.strip())}%"
-    return (Conversation.title.ilike(pattern, escape="\\"),
-            (Message.status.in_(FINAL_STATUSES), Message.content.ilike(pattern, escape="\\")))
-
-
-def _escape_like(text):
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def list_messages(user, conversation_id, limit=50, before=None):
