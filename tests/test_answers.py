@@ -95,3 +95,35 @@ def test_stop_requests_and_deleted_answers_are_both_cancelled(app, conversation)
     assert answers.cancel_requested([answer.id]) == []
     answers.request_cancel(answer.id)
     assert answers.cancel_requested([answer.id, 999_999]) == [answer.id, 999_999]  # the missing one was deleted
+
+
+def test_finish_many_saves_answers_ending_together_in_one_transaction(app, conversation):
+    """The group commit of answers ending together (generation._Finisher): every answer saved with
+    its own outcome and its conversation freed; an answer whose row is gone reports 0."""
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    others = [Conversation(user_id=1, title=f"t{i}", model="tinyllama", system_prompt="", message_count=0)
+              for i in range(2)]
+    db.session.add_all(others)
+    db.session.commit()
+    opened = []
+    for row in [conversation, *others]:
+        _, answer = answers.open_answer(reload(Conversation, row.id), "tinyllama", None, prompt="hi")
+        db.session.commit()
+        opened.append((answer.id, row.id))
+    gone_id, gone_conversation = opened[2]
+    db.session.delete(reload(Message, gone_id))
+    db.session.commit()
+    usage = {"done_reason": "stop", "completion_tokens": 3}
+    saved = answers.finish_many([
+        (opened[0][0], opened[0][1], "complete", "first", None, None, usage),
+        (opened[1][0], opened[1][1], "error", "sec\x00ond", "upstream_error", "it broke",
+         {**usage, "done_reason": None}),
+        (gone_id, gone_conversation, "complete", "lost", None, None, usage)])
+    assert saved == {opened[0][0], opened[1][0]}  # not the one whose row was gone
+    first, second = reload(Message, opened[0][0]), reload(Message, opened[1][0])
+    assert (first.status, first.content, first.completion_tokens, first.done_reason) == ("complete", "first", 3, "stop")
+    assert (second.status, second.content, second.error_code, second.error) == (
+        "error", "sec\ufffdond", "upstream_error", "it broke")
+    assert [reload(Conversation, c).active_message_id for _, c in opened[:2]] == [None, None]

@@ -192,9 +192,8 @@ def test_slow_clients_cannot_block_other_streams(servers, ollama):
 # ---- many open streams on one worker -----------------------------------------------------------------
 
 def test_sixty_open_streams_on_one_worker_do_not_starve_health(servers, ollama):
-    # 60 turns *starting* at the same instant on a busy shared box is a burst the default 1-s wait for a
-    # connection may answer with some 503s (by design); the subject here is streams already open.
-    server = servers(WEB_CONCURRENCY=1, STREAM_FLUSH_SECONDS=0.25, DB_POOL_TIMEOUT=10)
+    # The subject here is streams already open (a burst of starts: the admission tests below).
+    server = servers(WEB_CONCURRENCY=1, STREAM_FLUSH_SECONDS=0.25)
     reply = " ".join(f"w{i}" for i in range(40))
     ollama.script(reply=reply, delay=0.05)  # ~2 s per answer: all 60 are open at once
     [worker] = worker_pids(server)
@@ -367,3 +366,132 @@ def test_waiting_on_the_model_holds_no_database_connection(servers, ollama):
     assert [name for _, name, _ in results] == ["done"] * 20, [d for _, n, d in results if n != "done"][:3]
     assert all(text == reply for text, _, _ in results)
     assert " 503 " not in server.log_text()
+
+
+# ---- admission: a burst queues instead of failing -------------------------------------------------------
+
+def test_gate_hands_permits_round_robin_across_clients_and_sheds_the_heaviest():
+    """The admission gate itself (webapp/capacity.py), with real threads: permits go to waiters
+    in turn across clients (FIFO within one), a full queue refuses the newest waiter of the client
+    with the most waiters to make room for another client, else the newcomer, and a wait times out."""
+    from webapp.capacity import Busy, Gate
+    gate = Gate(slots=1, max_waiting=4)
+    gate.enter("a", 1)  # the one permit
+    order, refused, threads = [], [], []
+
+    def wait(key, label, timeout=10):
+        try:
+            gate.enter(key, timeout)
+        except Busy:
+            refused.append(label)
+            return
+        order.append(label)
+        gate.leave()
+    for key, label in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1")]:
+        thread = threading.Thread(target=wait, args=(key, label), daemon=True)
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 5
+        while gate.waiting + len(refused) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.005)  # queued (or refused) in this order
+    # The queue held 4: c1 came last into a full queue and took the place of a3 (a had 3 waiting).
+    assert refused == ["a3"] and gate.waiting == 4
+    assert gate.peak_waiting == 4
+    gate.leave()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["a1", "b1", "c1", "a2"], order  # round-robin: a, b, c, then a again
+    assert gate.free == 1 and gate.waiting == 0
+    # A full queue of one client refuses that client's newcomer at once; a wait runs out.
+    small = Gate(slots=1, max_waiting=0)
+    small.enter("a", 1)
+    started = time.monotonic()
+    with pytest.raises(Busy):
+        small.enter("a", 10)
+    assert time.monotonic() - started < 1
+    one = Gate(slots=1, max_waiting=5)
+    one.enter("a", 1)
+    started = time.monotonic()
+    with pytest.raises(Busy):
+        one.enter("b", 0.2)
+    assert 0.15 < time.monotonic() - started < 3 and one.waiting == 0
+    one.leave()
+    assert one.free == 1
+
+
+def test_a_burst_of_stream_starts_queues_for_a_small_pool_and_all_complete(servers, ollama, app):
+    """150 streams started at the same instant on one worker with 3 pooled connections (two admit
+    requests, one is kept for saving answers) and the default wait: they wait their turn holding
+    nothing, and every one completes, none answered 503 (with a plain 1-s pool wait, most were)."""
+    server = servers(WEB_CONCURRENCY=1, DB_POOL_SIZE=3, STREAM_FLUSH_SECONDS=0.25)  # the default wait
+    reply = "one two three four five"
+    ollama.script(reply=reply, delay=0.02)
+    count = 150
+    barrier = threading.Barrier(count)
+
+    def one(i):
+        barrier.wait(30)
+        return stream_turn(server, f"burst {i}", timeout=90)
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(one, range(count)))
+    assert [name for _, name, _ in results] == ["done"] * count, [d for _, n, d in results if n != "done"][:3]
+    assert all(text == reply for text, _, _ in results)
+    log = server.log_text()
+    assert " 503 " not in log and "Traceback" not in log
+    # Ending together, they were saved in shared transactions (generation._Finisher): each one whole.
+    from sqlalchemy import func, select
+
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    with app.app_context():
+        answers = db.session.execute(select(Message.status, Message.content, func.count()).where(
+            Message.role == "assistant").group_by(Message.status, Message.content)).all()
+        busy = db.session.scalar(select(func.count()).where(Conversation.active_message_id.is_not(None)))
+    assert answers == [("complete", reply, count)] and busy == 0
+
+
+def test_an_overflowing_admission_queue_answers_503_busy_at_once_but_not_to_another_client(
+        servers, database_url, app):
+    """With the one admitting connection held and a queue of 2: a third request of the same client
+    is refused at once (503 busy, Retry-After), long before the wait would run out; another client's
+    request takes the place of that client's newest waiter instead of being shut out; the queued
+    ones complete once the connection is free."""
+    server = servers(WEB_CONCURRENCY=1, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=30, DB_QUEUE_MAX=2)
+    make_user(app, "bob")
+    other = login(server.url, "bob", PASSWORD)  # another client: its own queue key
+    locker = psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=False)
+    results, threads = {}, []
+
+    def get(label, headers):
+        started = time.monotonic()
+        response = requests.get(server.url + "/conversations", headers=headers, timeout=60)
+        results[label] = (response, time.monotonic() - started)
+
+    def launch(label, headers):
+        thread = threading.Thread(target=get, args=(label, headers), daemon=True)
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.5)  # in this order
+    try:
+        locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        for label in ("holder", "alice1", "alice2"):  # the holder waits on the lock, with the connection
+            launch(label, server.auth)
+        launch("alice3", server.auth)  # the queue (2) is full of alice: refused at once
+        launch("bob", other)  # bob takes alice2's place
+        deadline = time.monotonic() + 10
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = dict(results)
+    finally:
+        locker.rollback()
+        locker.close()
+    for thread in threads:
+        thread.join(30)
+    assert set(refused) == {"alice3", "alice2"}, refused
+    for label in ("alice3", "alice2"):
+        response, took = refused[label]
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "busy"
+        assert took < 10  # refused at once, not after DB_POOL_TIMEOUT
+    assert [results[label][0].status_code for label in ("holder", "alice1", "bob")] == [200, 200, 200]
+    assert " 500 " not in server.log_text()

@@ -216,7 +216,7 @@ def flush(texts):
     db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
                                            or_(*(table.c.status == status for status in RUNNING_STATUSES)))
                        .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
-                       [{"message_id": message_id, "text": text} for message_id, text in texts.items()])
+                       [{"message_id": message_id, "text": text} for message_id, text in sorted(texts.items())])
     db.session.commit()
 
 
@@ -264,6 +264,43 @@ def finish(message_id, conversation_id, status, text, code=None, error=None, usa
             log.exception("saving message %s failed (attempt %d)", message_id, attempt)
             time.sleep(0.5 * attempt)
     return None
+
+
+def finish_many(items):
+    """Several answers' final writes (each as `finish` takes them: message_id, conversation_id,
+    status, text, code, error, usage) in ONE transaction: a burst of answers ending together costs
+    one commit, not one each. Returns the ids of the answers saved (one missing: its row was gone,
+    the conversation deleted meanwhile); raises (rolled back) on failure, for the caller to retry one
+    by one. Every item's usage has the same keys (generation._usage).
+
+    Rows are written in message id order, as `flush` writes them: two transactions that lock
+    several of the same rows in different orders can deadlock (the watchdog's flush and a batch)."""
+    now = utcnow()
+    table, conversations = Message.__table__, Conversation.__table__
+    usage_keys = sorted(items[0][6] or {})
+    items = sorted(items, key=lambda item: item[0])
+    try:
+        saved = db.session.execute(
+            update(table).where(table.c.id == bindparam("b_id")).values(
+                content=bindparam("b_text"), status=bindparam("b_status"), error_code=bindparam("b_code"),
+                error=bindparam("b_error"), heartbeat_at=now, **{key: bindparam("b_" + key) for key in usage_keys}),
+            [{"b_id": message_id, "b_text": text, "b_status": status, "b_code": code, "b_error": error,
+              **{"b_" + key: (usage or {}).get(key) for key in usage_keys}}
+             for message_id, _, status, text, code, error, usage in items]).rowcount
+        db.session.execute(
+            update(conversations).where(conversations.c.id == bindparam("b_conversation"),
+                                        conversations.c.active_message_id == bindparam("b_id"))
+            .values(active_message_id=None, updated_at=now),
+            [{"b_conversation": conversation_id, "b_id": message_id}
+             for message_id, conversation_id, *_ in items])
+        ids = [item[0] for item in items]
+        existing = set(ids) if saved == len(ids) else set(
+            db.session.scalars(select(table.c.id).where(table.c.id.in_(ids))))
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return existing
 
 
 def interrupted(message_id, conversation_id, text):

@@ -15,9 +15,21 @@ pool), which must stay under PostgreSQL's `max_connections` (100 by default, a f
 for superusers): 2 workers x (10 + 0 + 2 + 1) = 26 per instance, so up to 3 instances on a stock
 server (raise max_connections or lower DB_POOL_SIZE for more; or put PgBouncer in front).
 
-A request that cannot get a connection within DB_POOL_TIMEOUT seconds (1 by default) is answered
-503 with `Retry-After` (code `busy`), never a 500: the server is full, not broken, and the client
-may simply retry.
+Admission. A request's first checkout passes a per-worker gate (`Gate`): at most `slots` requests
+(the pool minus a reserve for background work: saving answers, flushes, heartbeats) hold a
+connection at once, and the rest wait in a queue *holding nothing* (no connection, no CPU: a parked
+greenlet), served round-robin across clients (bearer credential, else session cookie, else address)
+and first come first served within one. A burst of stream starts therefore queues where it costs
+nothing, and the few holders are not slowed by hundreds of greenlets contending for connections on
+the same event loop (which used to stretch each hold past the wait and answer most of a burst 503).
+A request waits at most DB_POOL_TIMEOUT seconds (30 by default) in the queue; the queue holds at most
+DB_QUEUE_MAX requests per worker (1000): when full, a newcomer takes the place of the newest waiter
+of the client with the most waiters if that client has more than the newcomer's, else it is refused
+at once, so one client's flood cannot shut others out. A refused or timed-out request is answered
+503 with `Retry-After` (code `busy`), never a 500: the server is full, not broken, and the client may
+simply retry. What bounds the time a connection is *held* is that every transaction is short and no
+request waits on the model or a client while holding one (DESIGN rule 2); once admitted, a request's
+later checkouts (e.g. reading the final answer) and background work bypass the queue.
 
 SQLite under gevent. All greenlets of a worker share one OS thread, and sqlite3 waits for a lock in
 C (its busy handler sleeps), which would freeze every stream of the worker; worse, if the greenlet
@@ -33,7 +45,9 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
+from collections import OrderedDict, deque
 
 from flask import g, has_request_context, request
 from sqlalchemy import event
@@ -54,15 +68,130 @@ BACKGROUND_POOL_TIMEOUT = 30.0  # seconds: generations, watchdog, sweeper, and s
 logging.getLogger(f"{__name__}.BudgetPool").setLevel(logging.WARNING)
 
 
+class Busy(PoolTimeout):
+    """No connection for this request: the admission queue is full, or its wait ran out (-> 503)."""
+
+
+class _Waiter:
+    __slots__ = ("event", "granted", "refused")
+
+    def __init__(self):
+        self.event = threading.Event()  # gevent's under a patched worker: a parked greenlet
+        self.granted = self.refused = False
+
+
+class Gate:
+    """Admission in front of the pool: `slots` permits, handed over directly (no barging) to waiters
+    in round-robin order across keys, FIFO within a key; at most `max_waiting` waiters."""
+
+    def __init__(self, slots, max_waiting):
+        self.slots, self.max_waiting = slots, max_waiting
+        self.free = slots
+        self.waiting = 0
+        self.peak_waiting = 0
+        self._queues = OrderedDict()  # key -> deque of _Waiter; order = whose turn is next
+        self._lock = threading.Lock()  # held for a few lines, never across a switch
+
+    def enter(self, key, timeout):
+        """Take a permit, waiting at most `timeout` seconds; Busy if refused or timed out."""
+        with self._lock:
+            if self.free and not self.waiting:
+                self.free -= 1
+                return
+            if self.waiting >= self.max_waiting and not self._shed_for(key):
+                raise Busy("the admission queue is full")
+            waiter = _Waiter()
+            self._queues.setdefault(key, deque()).append(waiter)
+            self.waiting += 1
+            self.peak_waiting = max(self.peak_waiting, self.waiting)
+        try:
+            waiter.event.wait(timeout)
+        except BaseException:  # the greenlet was killed (client gone): never lose a permit handed over
+            if self._withdraw(key, waiter):
+                self.leave()
+            raise
+        if not self._withdraw(key, waiter):
+            raise Busy("no database connection in time" if not waiter.refused else "the admission queue is full")
+
+    def leave(self):
+        """Give the permit back: straight to the next waiter in turn, if any."""
+        with self._lock:
+            while self._queues:
+                key, queue = next(iter(self._queues.items()))
+                waiter = queue.popleft()
+                if queue:
+                    self._queues.move_to_end(key)  # round-robin: this key goes to the back
+                else:
+                    del self._queues[key]
+                self.waiting -= 1
+                waiter.granted = True
+                waiter.event.set()
+                return
+            self.free += 1
+
+    def _withdraw(self, key, waiter):
+        """After the wait: True if the permit was handed over, else leave the queue."""
+        with self._lock:
+            if not waiter.granted and not waiter.refused:
+                self._remove(key, waiter)
+            return waiter.granted
+
+    def _remove(self, key, waiter):
+        """Timed out: leave the queue (a linear scan of one client's queue, only on timeouts)."""
+        queue = self._queues.get(key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            self.waiting -= 1
+            if not queue:
+                del self._queues[key]
+
+    def _shed_for(self, key):
+        """The queue is full: refuse the newest waiter of the client with the most waiters, if it
+        has more than `key` would after joining. True if a place was freed."""
+        mine = len(self._queues.get(key, ()))
+        heaviest = max(self._queues, key=lambda k: len(self._queues[k]), default=None)
+        if heaviest is None or heaviest == key or len(self._queues[heaviest]) <= mine + 1:
+            return False
+        waiter = self._queues[heaviest].pop()
+        if not self._queues[heaviest]:
+            del self._queues[heaviest]
+        self.waiting -= 1
+        waiter.refused = True
+        waiter.event.set()
+        return True
+
+
+def _client_key():
+    """Who is asking, without the database: the bearer credential, else the session cookie, else
+    the address (a queue key only: nothing is trusted from it)."""
+    auth = request.headers.get("Authorization")
+    if auth:
+        return auth
+    for name in ("session", "remember_token"):
+        value = request.cookies.get(name)
+        if value:
+            return value
+    return request.remote_addr or "-"
+
+
 class BudgetPool(QueuePool):
-    """The per-worker pool. Only a request that has not answered yet waits the short DB_POOL_TIMEOUT
-    (it can still say 503); background work (saving an answer, heartbeats, the orphan sweep) and a
-    stream whose 200 is already sent have nobody to say 503 to, so they wait longer rather than fail
-    an answer during a burst. Decided per checkout, in the greenlet or thread that asks."""
+    """The per-worker pool, with the admission gate (see the module docstring) in front of a
+    request's first checkout. Background work (saving an answer, heartbeats, the orphan sweep), a
+    request already admitted once, and a stream whose 200 is already sent bypass the gate and wait
+    longer rather than fail an answer during a burst. Decided per checkout, in the greenlet or
+    thread that asks."""
+
+    def __init__(self, creator, queue_max=1000, **kwargs):  # not keyword-only: create_engine passes it
+        super().__init__(creator, **kwargs)
+        self._queue_max = queue_max
+        size = self.size() + max(self._max_overflow, 0)
+        reserve = 0 if size < 2 else max(1, size // 5)  # 10 -> 8 for requests, 2 kept for background
+        self.gate = Gate(size - reserve, queue_max)
+        self._gated = set()  # ids of the connection records checked out through the gate
 
     @property
     def _timeout(self):
-        if has_request_context() and not g.get("_capacity_answered"):
+        if _needs_admission():
             return self._request_timeout
         return max(self._request_timeout, BACKGROUND_POOL_TIMEOUT)
 
@@ -70,10 +199,38 @@ class BudgetPool(QueuePool):
     def _timeout(self, value):
         self._request_timeout = value
 
+    def _do_get(self):
+        if not _needs_admission():
+            return super()._do_get()
+        self.gate.enter(_client_key(), self._request_timeout)
+        g._capacity_admitted = True  # later checkouts of this request go straight to the pool
+        try:
+            record = super()._do_get()
+        except BaseException:
+            self.gate.leave()
+            raise
+        self._gated.add(id(record))
+        return record
+
+    def _do_return_conn(self, record):
+        gated = id(record) in self._gated
+        self._gated.discard(id(record))
+        try:
+            super()._do_return_conn(record)
+        finally:
+            if gated:
+                self.gate.leave()
+
     def recreate(self):
         pool = super().recreate()
         pool._timeout = self._request_timeout
+        pool._queue_max = self._queue_max
+        pool.gate = Gate(self.gate.slots, self._queue_max)
         return pool
+
+
+def _needs_admission():
+    return has_request_context() and not g.get("_capacity_answered") and not g.get("_capacity_admitted")
 
 
 def engine_options(config):
@@ -84,6 +241,7 @@ def engine_options(config):
     options["max_overflow"] = config["DB_MAX_OVERFLOW"]
     options["pool_timeout"] = config["DB_POOL_TIMEOUT"]
     options["poolclass"] = BudgetPool
+    options["queue_max"] = config["DB_QUEUE_MAX"]
     if config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         connect_args = dict(options.get("connect_args") or {})
         connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT)
@@ -119,8 +277,7 @@ def init_app(app):
 
     @app.errorhandler(PoolTimeout)
     def database_busy(exc):
-        log.warning("no database connection within %ss for %s %s: answered 503",
-                    app.config["DB_POOL_TIMEOUT"], request.method, request.path)
+        log.warning("no database connection for %s %s (%s): answered 503", request.method, request.path, exc)
         return busy_response()
 
 

@@ -138,11 +138,13 @@ def load_config():
         "WTF_CSRF_TIME_LIMIT": None,
         # No pool_pre_ping (a round trip per checkout): webapp/db_ping.py checks idle connections only.
         "SQLALCHEMY_ENGINE_OPTIONS": {},
-        # The database connection budget of each worker process (see webapp/capacity.py): a request
-        # that cannot get a connection within DB_POOL_TIMEOUT seconds is answered 503 + Retry-After.
+        # The database connection budget of each worker process (see webapp/capacity.py): requests
+        # wait for a connection in a per-worker queue of at most DB_QUEUE_MAX, holding nothing, for at
+        # most DB_POOL_TIMEOUT seconds; past either they are answered 503 + Retry-After.
         "DB_POOL_SIZE": _int("DB_POOL_SIZE", 10),
         "DB_MAX_OVERFLOW": _int("DB_MAX_OVERFLOW", 0),
-        "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 1.0),
+        "DB_POOL_TIMEOUT": _float("DB_POOL_TIMEOUT", 30.0),
+        "DB_QUEUE_MAX": max(0, _int("DB_QUEUE_MAX", 1000)),
     }
     config["REMEMBER_COOKIE_DURATION"] = timedelta(days=config["REMEMBER_DAYS"])
     # Refuse huge bodies before parsing them: room for the longest prompt in 4-byte UTF-8, plus JSON.

@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass, field
 
 from flask import current_app
+from sqlalchemy.exc import DBAPIError
 
 from . import answers, llm
 from .extensions import db
 from .logs import request_id_var
-from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, ms
+from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, ms, stored_text
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
@@ -71,6 +72,7 @@ class Live:
         self.interrupted = False  # the server is shutting down, not the user pressing Stop
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
+        self.final = None  # the answer's row as its final save committed it (a detached Message)
         self._cond = threading.Condition()
 
     def append(self, text):
@@ -150,12 +152,85 @@ class Generations:
 generations = Generations()
 
 
+class _Finisher:
+    """The final saves of this process's answers, group-committed: an answer ending alone is saved
+    at once by its own task; answers ending while a save is being committed queue up and the first
+    of them then saves them all in one transaction (answers.finish_many), so a burst of 500 streams
+    ending together costs a few commits, not 500, and nothing waits for a timer. A failed batch
+    falls back to each answer's own retried save (answers.finish)."""
+
+    _LEAD = object()
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = []  # [item, event, result]
+        self._busy = False
+
+    def save(self, item):
+        """1 (or True) when saved, 0 when the row was gone, None/False when every attempt failed."""
+        entry = [item, threading.Event(), None]
+        with self._lock:
+            self._pending.append(entry)
+            lead, self._busy = not self._busy, True
+        if not lead:
+            try:
+                entry[1].wait()
+            except BaseException:  # killed while waiting (shutdown): never strand the others
+                with self._lock:
+                    self._pending = [other for other in self._pending if other is not entry]
+                    if entry[2] is self._LEAD:
+                        self._pass_lead()
+                raise
+            if entry[2] is not self._LEAD:
+                return entry[2]
+        with self._lock:
+            batch, self._pending = self._pending, []
+        results = [None] * len(batch)
+        try:
+            results = self._commit([item for item, _, _ in batch])
+        finally:
+            mine = None
+            for index, other in enumerate(batch):
+                if other is entry:
+                    mine = results[index]
+                else:
+                    other[2] = results[index]
+                    other[1].set()
+            with self._lock:
+                self._pass_lead()
+        return mine
+
+    def _pass_lead(self):
+        """(Under the lock.) The first answer that arrived during a commit saves the next batch."""
+        if self._pending:
+            self._pending[0][2] = self._LEAD
+            self._pending[0][1].set()
+        else:
+            self._busy = False
+
+    @staticmethod
+    def _commit(items):
+        """One transaction for the batch (alone too: it also tells a row deleted meanwhile, 0); if it
+        fails, each answer's own save with its retries."""
+        try:
+            saved = answers.finish_many(items)
+            return [1 if item[0] in saved else 0 for item in items]
+        except DBAPIError as exc:  # e.g. a deadlock with another writer: each row alone cannot deadlock
+            log.warning("saving %d answer(s) together failed (%s); saving them one by one",
+                        len(items), str(exc.orig).splitlines()[0] if exc.orig else exc)
+        except Exception:
+            log.exception("saving %d answer(s) failed; saving them one by one, with retries", len(items))
+        return [answers.finish(message_id, conversation_id, status, text, code, error, usage=usage)
+                for message_id, conversation_id, status, text, code, error, usage in items]
+
+
 class _Registry:
     def __init__(self, app):
         self.app = app
         self._live = {}
         self._lock = threading.Lock()
         self._watchdog = None
+        self.finisher = _Finisher()
 
     def get(self, message_id):
         return self._live.get(message_id)
@@ -314,9 +389,16 @@ class Generation:
         if status == COMPLETE and self.live.cancelled and self.final is None:
             status = CANCELLED
         final = self.final or llm.Chunk()
+        usage = _usage(final)
+        job = self.job
         self.status, self.code, self.error = status, code, error
-        self.saved = answers.finish(self.job.message_id, self.job.conversation_id, status, self.live.text, code,
-                                    error, usage=_usage(final))
+        self.saved = Generations._registry().finisher.save((job.message_id, job.conversation_id, status,
+                                                            self.live.text, code, error, usage))
+        if self.saved:
+            # Followers here end with this instead of reading the row back (SafeText stores NUL as U+FFFD).
+            self.live.final = Message(id=job.message_id, conversation_id=job.conversation_id, role="assistant",
+                                      content=stored_text(self.live.text), status=status, error_code=code,
+                                      error=error, model=job.model, request_id=job.request_id, **usage)
         self._log(status, code, final)
 
     def usage(self):

@@ -305,16 +305,24 @@ def follow(message_id, since=0, poll=0.3, keepalive=10.0):
 
 def _follow(message_id, sent, poll, keepalive, subscription):
     idle_since, read_row, announced, last_read = time.monotonic(), True, False, 0.0
-    last_news, place = last_read, None
+    last_news, place, live, first = last_read, None, None, True
     while True:
-        live = generations.get(message_id)
+        # A generation saved here ends from memory (Live.final: the row as committed), so a burst of
+        # streams ending together costs no read each; one whose save failed is read from the row.
+        live = generations.get(message_id) or (live if live is not None and live.final is not None else None)
         text, finished, offset = None, False, 0
         if live is not None:
             if live.position is not None and live.position != place:
                 place = live.position
                 yield "queued", place
             live.wait(sent, timeout=poll)
-            if not live.done and len(live.text) > sent:
+            final = live.final
+            if final is not None:
+                if len(final.content) > sent:
+                    yield "token", final.content[sent:]
+                yield "done", final
+                return
+            if not first and not live.done and len(live.text) > sent:
                 time.sleep(COALESCE_SECONDS)  # a few tokens per event, not one wake-up per token
             text = live.text  # the final state is read from the row below
         elif subscription is not None and not read_row:
@@ -345,7 +353,7 @@ def _follow(message_id, sent, poll, keepalive, subscription):
                 announced = True
         if text is not None and len(text) + offset > sent:
             yield "token", text[sent - offset:]
-            sent, idle_since = len(text) + offset, time.monotonic()
+            sent, idle_since, first = len(text) + offset, time.monotonic(), False  # the first token at once
         elif not finished:
             yield "idle", None
         if finished:
