@@ -185,7 +185,7 @@ def test_nul_characters_never_lose_a_prompt_or_an_answer(app, client, auth, olla
     response = client.post("/chat/", json={"prompt": "nul\x00here"}, headers=auth)
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
-    assert body["status"] == "complete"
+    assert body["status"] == "complete" and body["response"] == "half\ufffdway"  # what was saved
     assert messages_of(app, body["conversation_id"]) == [
         ("user", "complete", "nul\ufffdhere", None), ("assistant", "complete", "half\ufffdway", None)]
     listed = client.get("/conversations", headers=auth).get_json()["conversations"]

@@ -47,7 +47,8 @@ def test_the_page_send_needs_no_more_sql_than_the_api_turn(app, browser, ollama)
         response = send(browser, "again", page_conversation, **htmx(browser))
     assert response.status_code == 200 and 'class="message user' in response.get_data(as_text=True)
     wait_idle(app)
-    # The API's count includes reading the final answer back; the page renders what the turn returned.
+    # The API's count includes generating the answer in the request (the model queue's admission and
+    # the final save); the page renders what the turn returned and follows the answer on its stream.
     assert len(page_statements) <= len(api_statements), (page_statements, api_statements)
     assert len(page_statements) <= 7, page_statements
     print(f"statements: api {len(api_statements)}, page {len(page_statements)}")

@@ -8,7 +8,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from . import capacity, cors, devkey, errors, https
+from . import capacity, cors, db_ping, devkey, errors, https
 from . import config as config_module
 from .auth import throttle
 from .extensions import csrf, db, htmx, llm_service, login_manager, migrate
@@ -38,6 +38,8 @@ def create_app(overrides=None):
 
     db.init_app(app)
     capacity.init_app(app)
+    with app.app_context():
+        db_ping.install(db.engine)
     migrate.init_app(app, db, directory=str(config_module.ROOT / "migrations"))
     login_manager.init_app(app)
     csrf.init_app(app)

@@ -13,13 +13,14 @@ It knows nothing of threads, generators or requests. "Is this answer being gener
 right now?" is asked through `is_live`, a callable handed in by whoever runs generations (see
 webapp/generation.py), so this module never imports them.
 """
+import functools
 import logging
 import time
 from collections import Counter
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import bindparam, delete, or_, select, text, update
+from sqlalchemy import bindparam, delete, insert, or_, select, text, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
@@ -34,12 +35,36 @@ from .models import (
     STREAMING,
     Conversation,
     Message,
+    stored_text,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 INTERRUPTED_MESSAGE = "the server restarted while generating this answer; retry to generate it again"
 SAVE_ATTEMPTS = 3
+
+# The tables themselves, for the statements every answer runs: Core skips the ORM's unit of work and
+# bulk machinery (resolving attributes, syncing the identity map), which cost more than the
+# statements, and the statements of every turn are built once (building and keying one costs as
+# much as the database's work on it); parameters are named b_* (a column's own name is reserved in SET).
+MESSAGES, CONVERSATIONS = Message.__table__, Conversation.__table__
+_INSERT_MESSAGES = insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True)
+_CLAIM = update(CONVERSATIONS).where(
+    CONVERSATIONS.c.id == bindparam("b_conversation_id"), CONVERSATIONS.c.active_message_id.is_(None)).values(
+    active_message_id=bindparam("b_answer_id"), message_count=bindparam("b_message_count"),
+    updated_at=bindparam("b_now"))
+_RELEASE_WHERE = (CONVERSATIONS.c.id == bindparam("b_conversation_id"),
+                  CONVERSATIONS.c.active_message_id == bindparam("b_message_id"))
+_RELEASE = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message_id=None)
+_RELEASE_AT = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message_id=None,
+                                                                  updated_at=bindparam("b_now"))
+
+
+@functools.cache
+def _finish_statement(columns):
+    """UPDATE messages SET <columns> WHERE id = :b_message_id, one per set of column names."""
+    return update(MESSAGES).where(MESSAGES.c.id == bindparam("b_message_id")).values(
+        {name: bindparam("b_" + name) for name in columns})
 
 
 def _never_live(message_id):
@@ -52,7 +77,8 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
                 queued=False, guard=None):
     """In the caller's transaction: add the prompt (if any) and an empty answer, and claim the
     conversation with a compare-and-set on its busy flag. Nothing is committed here. Returns
-    (prompt_message, answer); raises 409 when another answer is running (or 404 if it vanished).
+    (prompt_message, answer), copies of the rows as written (not tracked by the session); raises
+    409 when another answer is running (or 404 if it vanished).
     An answer orphaned by a dead worker does not block: it is saved as interrupted, and the claim
     tried once more. `replaces`: the id of an answer the new one takes the place of (regenerate).
     `queued`: the answer waits for a slot at the model (see `admit`). `guard()`: run at the start of
@@ -61,20 +87,17 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
         if guard is not None:
             guard()
         now = utcnow()
-        rows = [Message(conversation_id=conversation.id, role="user", content=prompt, status=COMPLETE,
-                        request_id=request_id, created_at=now)] if prompt is not None else []
-        answer = Message(conversation_id=conversation.id, role="assistant", content="",
-                         status=QUEUED if queued else PENDING,
-                         model=model, request_id=request_id, heartbeat_at=now, created_at=now)
-        count = conversation.message_count + len(rows) + 1
+        rows = [] if prompt is None else [_row(conversation.id, "user", prompt, COMPLETE, None, request_id, None, now)]
+        rows.append(_row(conversation.id, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now))
+        count = conversation.message_count + len(rows)
         if replaces is not None:
             count -= db.session.execute(delete(Message).where(Message.id == replaces)).rowcount
-        db.session.add_all(rows + [answer])
-        db.session.flush()
+        added = _insert_messages(rows)
+        answer = added[-1]
         if _claim(conversation.id, answer.id, count, now):
             for name, value in (("active_message_id", answer.id), ("message_count", count), ("updated_at", now)):
                 set_committed_value(conversation, name, value)
-            return (rows[0] if rows else None), answer
+            return (added[0] if prompt is not None else None), answer
         conversation_id = conversation.id
         db.session.rollback()
         if db.session.scalar(select(Conversation.id).where(Conversation.id == conversation_id)) is None:
@@ -85,10 +108,21 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
                                                  "wait for it or stop it first")
 
 
+def _row(conversation_id, role, content, status, model, request_id, heartbeat_at, now):
+    return {"conversation_id": conversation_id, "role": role, "content": stored_text(content), "status": status,
+            "model": model, "request_id": request_id, "heartbeat_at": heartbeat_at, "created_at": now,
+            "cancel_requested": False}
+
+
+def _insert_messages(rows):
+    """One INSERT for the rows (dicts with the same keys), in order; returns Message copies with their ids."""
+    ids = db.session.execute(_INSERT_MESSAGES, rows).scalars().all()
+    return [Message(id=message_id, **row) for message_id, row in zip(ids, rows, strict=True)]
+
+
 def _claim(conversation_id, answer_id, message_count, now):
-    return db.session.execute(update(Conversation).where(
-        Conversation.id == conversation_id, Conversation.active_message_id.is_(None)).values(
-        active_message_id=answer_id, message_count=message_count, updated_at=now)).rowcount == 1
+    return db.session.execute(_CLAIM, {"b_conversation_id": conversation_id, "b_answer_id": answer_id,
+                                       "b_message_count": message_count, "b_now": now}).rowcount == 1
 
 
 # ---- the queue in front of the model ----------------------------------------------------------------
@@ -188,7 +222,7 @@ def flush(texts):
 
 def beat(message_ids):
     """The generating worker is alive: one statement for all its answers."""
-    db.session.execute(update(Message).where(Message.id.in_(message_ids), Message.status.in_(ACTIVE_STATUSES))
+    db.session.execute(update(MESSAGES).where(MESSAGES.c.id.in_(message_ids), MESSAGES.c.status.in_(ACTIVE_STATUSES))
                        .values(heartbeat_at=utcnow()))
     db.session.commit()
 
@@ -201,7 +235,8 @@ def request_cancel(message_id):
 
 def cancel_requested(message_ids):
     """Which of these answers someone asked to stop, or deleted (read without holding the connection)."""
-    rows = db.session.execute(select(Message.id, Message.cancel_requested).where(Message.id.in_(message_ids))).all()
+    rows = db.session.execute(select(MESSAGES.c.id, MESSAGES.c.cancel_requested)
+                              .where(MESSAGES.c.id.in_(message_ids))).all()
     db.session.rollback()
     existing = {message_id: flagged for message_id, flagged in rows}
     return [message_id for message_id in message_ids if existing.get(message_id, True)]
@@ -211,20 +246,24 @@ def cancel_requested(message_ids):
 
 def finish(message_id, conversation_id, status, text, code=None, error=None, usage=None):
     """The final write: the answer's outcome and the conversation's busy flag, in one transaction,
-    retried a few times so a database hiccup does not leave the answer 'streaming'."""
+    retried a few times so a database hiccup does not leave the answer 'streaming'. Returns 1 when
+    the answer was saved, 0 when its row is gone (the conversation was deleted), None when every
+    attempt failed."""
     now = utcnow()
     for attempt in range(1, SAVE_ATTEMPTS + 1):
         try:
-            db.session.execute(update(Message).where(Message.id == message_id).values(
-                content=text, status=status, error_code=code, error=error, heartbeat_at=now, **(usage or {})))
-            _release(conversation_id, message_id, updated_at=now)
+            values = {"content": text, "status": status, "error_code": code, "error": error, "heartbeat_at": now,
+                      **(usage or {})}
+            saved = db.session.execute(_finish_statement(tuple(values)), {
+                "b_message_id": message_id, **{"b_" + name: value for name, value in values.items()}}).rowcount
+            _release(conversation_id, message_id, now)
             db.session.commit()
-            return True
+            return saved
         except Exception:
             db.session.rollback()
             log.exception("saving message %s failed (attempt %d)", message_id, attempt)
             time.sleep(0.5 * attempt)
-    return False
+    return None
 
 
 def finish_many(items):
@@ -269,10 +308,13 @@ def interrupted(message_id, conversation_id, text):
     return finish(message_id, conversation_id, INTERRUPTED, text, "interrupted", INTERRUPTED_MESSAGE)
 
 
-def _release(conversation_id, message_id, **values):
-    db.session.execute(update(Conversation).where(Conversation.id == conversation_id,
-                                                  Conversation.active_message_id == message_id)
-                       .values(active_message_id=None, **values))
+def _release(conversation_id, message_id, now=None):
+    """Free the conversation for its next turn (and mark it updated `now`, if given)."""
+    params = {"b_conversation_id": conversation_id, "b_message_id": message_id}
+    if now is None:
+        db.session.execute(_RELEASE, params)
+    else:
+        db.session.execute(_RELEASE_AT, {**params, "b_now": now})
 
 
 # ---- answers orphaned by a dead worker ---------------------------------------------------------------

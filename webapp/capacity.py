@@ -236,7 +236,7 @@ def _needs_admission():
 def engine_options(config):
     """SQLALCHEMY_ENGINE_OPTIONS for the configured database, with the per-worker budget."""
     options = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
-    options.setdefault("pool_pre_ping", True)
+    options.setdefault("pool_pre_ping", False)  # webapp/db_ping.py pings only connections idle a while
     options["pool_size"] = config["DB_POOL_SIZE"]
     options["max_overflow"] = config["DB_MAX_OVERFLOW"]
     options["pool_timeout"] = config["DB_POOL_TIMEOUT"]

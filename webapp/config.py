@@ -136,7 +136,8 @@ def load_config():
         "REMEMBER_COOKIE_SAMESITE": "Lax",
         "REMEMBER_COOKIE_NAME": "remember_token",
         "WTF_CSRF_TIME_LIMIT": None,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # No pool_pre_ping (a round trip per checkout): webapp/db_ping.py checks idle connections only.
+        "SQLALCHEMY_ENGINE_OPTIONS": {},
         # The database connection budget of each worker process (see webapp/capacity.py): requests
         # wait for a connection in a per-worker queue of at most DB_QUEUE_MAX, holding nothing, for at
         # most DB_POOL_TIMEOUT seconds; past either they are answered 503 + Retry-After.

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from . import answers, llm
 from .extensions import db
 from .logs import request_id_var
-from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, ms
+from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, ms, stored_text
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
@@ -126,6 +126,10 @@ class Generations:
 
     def launch(self, job, client):
         return self._registry().launch(job, client)
+
+    def run_here(self, job, client):
+        """Generate in the calling thread or greenlet; returns the finished Generation (its outcome)."""
+        return self._registry().run_here(job, client)
 
     def get(self, message_id):
         return self._registry().get(message_id)
@@ -235,14 +239,34 @@ class _Registry:
         with self._lock:
             return list(self._live)
 
-    def launch(self, job, client):
+    def _register(self, job):
         live = Live(job.message_id, job.model)
         with self._lock:
             self._live[job.message_id] = live
             if self._watchdog is None or not self._watchdog.is_alive():
                 self._watchdog = spawn(self._watch, name="generation-watchdog")
+        return live
+
+    def launch(self, job, client):
+        live = self._register(job)
         spawn(self._run, job, live, client, name=f"generation-{job.message_id}")
         return live
+
+    def run_here(self, job, client):
+        """A generation in the caller's own thread or greenlet (a request that waits for the whole
+        answer anyway): no task to start, no wake-up per answer, no re-read of the row. It is
+        registered like any other, so Stop, the watchdog's flushes and heartbeats, followers and
+        shutdown all see it; the caller's app context and session are used (the session holds no
+        connection while the model talks, as everywhere)."""
+        live = self._register(job)
+        try:
+            generation = Generation(job, live, client)
+            generation.run()
+            return generation
+        finally:
+            with self._lock:
+                self._live.pop(job.message_id, None)
+            live.finish()
 
     def abort(self, message_id):
         live = self._live.get(message_id)
@@ -330,6 +354,9 @@ class Generation:
         self.job, self.live, self.client = job, live, client
         self.final = None
         self.started = time.monotonic()
+        # The outcome, as saved: status, error code and text; `saved` is 1 when the row was written,
+        # 0 when it was gone (its conversation deleted meanwhile), None when saving failed.
+        self.status = self.code = self.error = self.saved = None
 
     def run(self):
         status, code, error = COMPLETE, None, None
@@ -337,30 +364,46 @@ class Generation:
             if self.job.queued:
                 self._wait_for_slot()
             self._stream()
-        except QueueTimeout:
-            status, code, error = ERROR, "queue_timeout", QUEUE_TIMEOUT_MESSAGE
-        except llm.Cancelled:
-            status = CANCELLED
+        except Exception as exc:
+            status, code, error = self._failure(exc)
+        except BaseException:  # the worker kills this task (shutdown past its grace period): save what is here
+            self._save(INTERRUPTED, "interrupted", answers.INTERRUPTED_MESSAGE)
+            raise
+        self._save(status, code, error)
+
+    def _failure(self, exc):
+        """(status, code, error) for what ended the stream."""
+        if isinstance(exc, QueueTimeout):
+            return ERROR, "queue_timeout", QUEUE_TIMEOUT_MESSAGE
+        if isinstance(exc, llm.Cancelled):
             if self.live.interrupted:
-                status, code, error = INTERRUPTED, "interrupted", answers.INTERRUPTED_MESSAGE
-        except llm.LLMError as exc:
-            status, code, error = ERROR, exc.code, exc.message
-        except Exception as exc:  # a bug must still leave the message in a final state
-            log.exception("generation %s failed", self.job.message_id)
-            status, code, error = ERROR, "internal_error", f"internal error: {type(exc).__name__}"
+                return INTERRUPTED, "interrupted", answers.INTERRUPTED_MESSAGE
+            return CANCELLED, None, None
+        if isinstance(exc, llm.LLMError):
+            return ERROR, exc.code, exc.message
+        # A bug must still leave the message in a final state.
+        log.error("generation %s failed", self.job.message_id, exc_info=exc)
+        return ERROR, "internal_error", f"internal error: {type(exc).__name__}"
+
+    def _save(self, status, code, error):
         if status == COMPLETE and self.live.cancelled and self.final is None:
             status = CANCELLED
         final = self.final or llm.Chunk()
         usage = _usage(final)
         job = self.job
-        if Generations._registry().finisher.save((job.message_id, job.conversation_id, status, self.live.text,
-                                                  code, error, usage)):
+        self.status, self.code, self.error = status, code, error
+        self.saved = Generations._registry().finisher.save((job.message_id, job.conversation_id, status,
+                                                            self.live.text, code, error, usage))
+        if self.saved:
             # Followers here end with this instead of reading the row back (SafeText stores NUL as U+FFFD).
             self.live.final = Message(id=job.message_id, conversation_id=job.conversation_id, role="assistant",
-                                      content=self.live.text.replace("\x00", "\ufffd"), status=status,
-                                      error_code=code, error=error, model=job.model, request_id=job.request_id,
-                                      **usage)
+                                      content=stored_text(self.live.text), status=status, error_code=code,
+                                      error=error, model=job.model, request_id=job.request_id, **usage)
         self._log(status, code, final)
+
+    def usage(self):
+        """The final chunk's counts and durations, as the message row's columns."""
+        return _usage(self.final or llm.Chunk())
 
     def _wait_for_slot(self):
         """Ask once at once; then wait, holding nothing, for the watchdog's ticks to admit it."""

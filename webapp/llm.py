@@ -245,6 +245,7 @@ class _HTTPBackend:
         adapter = _TrackingAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        _settle_environment(self.session, self.base_url)
 
     def _request(self, method, path, *, timeout=None, abort=None, **kwargs):
         url = self.base_url + path
@@ -286,6 +287,20 @@ class _HTTPBackend:
         if response.status_code == 503:
             return LLMUnreachable(f"the model server is busy: {message}")
         return UpstreamError(f"the model server failed: {message}")
+
+
+def _settle_environment(session, base_url):
+    """What requests would read from the environment on every call (proxies and NO_PROXY, the CA
+    bundle, ~/.netrc), read once: the LLM's address is configuration, fixed for the process, and
+    scanning os.environ per call was a tenth of a turn's CPU."""
+    if not session.trust_env:
+        return
+    settings = session.merge_environment_settings(base_url, {}, None, None, None)
+    session.proxies = settings["proxies"]
+    session.verify = settings["verify"]
+    if session.auth is None:
+        session.auth = requests.utils.get_netrc_auth(base_url)
+    session.trust_env = False
 
 
 def _request_error(exc):

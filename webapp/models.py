@@ -31,13 +31,18 @@ class UTCDateTime(db.TypeDecorator):
         return value
 
 
+def stored_text(value):
+    """A text as SafeString/SafeText store it (see _NoNul): for copies of rows written with Core."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 class _NoNul:
     """PostgreSQL text cannot hold NUL (U+0000) and refuses the whole statement; SQLite stores it. A
     NUL in a prompt, a typed username or a model's output must not lose the row (or answer with a
     500), so it becomes U+FFFD, the replacement character, the same on both databases."""
 
     def process_bind_param(self, value, dialect):
-        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+        return stored_text(value)
 
 
 class SafeString(_NoNul, db.TypeDecorator):

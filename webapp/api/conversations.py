@@ -89,11 +89,12 @@ def stop(conversation_id):
 @token_required
 def regenerate(conversation_id):
     data = json_body(optional=True)
+    stream = bool(data.get("stream"))
     turn = service.regenerate(g.api_user, conversation_id, data.get("model"), g.request_id,
-                              parse_options(data.get("options")))
-    if data.get("stream"):
+                              parse_options(data.get("options")), run_here=not stream)
+    if stream:
         return sse.response(stream_turn(stream_ids(conversation_id, turn.message_id, turn.model)))
-    return finished_response(service.wait_final(turn.message_id), None)
+    return finished_response(service.answer_here(turn), None)
 
 
 @bp.get("/conversations/<int:conversation_id>/messages/<int:message_id>")

@@ -70,8 +70,9 @@ def chat_turn():
     key = idempotency_key()
     # A retried stream may say how far it got (the same ids as every stream); read before anything starts.
     since = sse.last_event_id() if key and stream else None
+    # Not streamed: the request generates the answer itself (service.answer_here), no hand-off.
     turn = service.start_turn(g.api_user, data.get("prompt"), conversation_id, data.get("model"),
-                              g.request_id, options, idempotency_key=key)
+                              g.request_id, options, idempotency_key=key, run_here=not stream)
     if turn.replayed:
         mark_replayed()
     if stream:
@@ -81,7 +82,7 @@ def chat_turn():
             return sse.finished()
         ids = stream_ids(turn.conversation_id, turn.message_id, turn.model, turn.user_message_id)
         return sse.response(stream_turn(ids, turn.prompt, since=since or 0))
-    return finished_response(service.wait_final(turn.message_id), turn.prompt, turn.user_message_id)
+    return finished_response(service.answer_here(turn), turn.prompt, turn.user_message_id)
 
 
 def finished_response(final, prompt, user_message_id=None):

@@ -19,7 +19,18 @@ from .conversations import (
 )
 from .export import export_markdown
 from .messages import end_reads, is_active, is_answered, usage_dict
-from .turns import Turn, build_context, cancel, follow, regenerate, start_exchange, start_turn, stop, wait_final
+from .turns import (
+                            Turn,
+                            answer_here,
+                            build_context,
+                            cancel,
+                            follow,
+                            regenerate,
+                            start_exchange,
+                            start_turn,
+                            stop,
+                            wait_final,
+)
 from .validation import (
                             check_model,
                             clean_model,
@@ -33,7 +44,7 @@ from .validation import (
 __all__ = [
     "create_conversation", "decode_cursor", "delete_conversation", "get_conversation", "get_message",
     "list_conversations", "list_messages", "search_conditions", "update_conversation", "export_markdown",
-    "Turn", "build_context", "cancel", "follow", "regenerate", "start_exchange", "start_turn", "stop",
+    "Turn", "answer_here", "build_context", "cancel", "follow", "regenerate", "start_exchange", "start_turn", "stop",
     "wait_final",
     "check_model", "known_models", "clean_model", "clean_system_prompt", "clean_text", "clean_title", "option_rules",
     "end_reads", "is_active", "is_answered", "usage_dict",

@@ -4,14 +4,14 @@ import base64
 from datetime import datetime
 
 from flask import current_app
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
 from .. import answers
 from ..errors import ServiceError, not_found
 from ..extensions import db
 from ..generation import generations
 from ..limits import MAX_ID
-from ..models import SOURCE_API, SOURCE_WEB, Conversation, Message, utcnow
+from ..models import SOURCE_API, SOURCE_WEB, Conversation, Message, stored_text, utcnow
 from . import search
 from .search import search_conditions  # noqa: F401  (the façade exports it)
 from .validation import as_id, check_model, clean_system_prompt, clean_title
@@ -29,15 +29,20 @@ def get_conversation(user, conversation_id):
     return conversation
 
 
-def create_conversation(user, title=None, model=None, system_prompt="", commit=True):
+_INSERT_CONVERSATION = insert(Conversation.__table__).returning(Conversation.__table__.c.id)
+
+
+def create_conversation(user, title=None, model=None, system_prompt="", commit=True, source=SOURCE_WEB):
+    """One Core INSERT (a turn's first statement after the token check: the ORM's unit of work costs
+    more than the statement); returns a copy of the row as written, not tracked by the session."""
     now = utcnow()
-    conversation = Conversation(user_id=user.id, title=title or "New chat", message_count=0,
-                                model=model or current_app.config["DEFAULT_MODEL"],
-                                system_prompt=system_prompt or "", created_at=now, updated_at=now)
-    db.session.add(conversation)
+    values = {"user_id": user.id, "title": stored_text(title or "New chat"), "message_count": 0,
+              "model": model or current_app.config["DEFAULT_MODEL"], "system_prompt": stored_text(system_prompt or ""),
+              "active_message_id": None, "source": source, "created_at": now, "updated_at": now}
+    conversation_id = db.session.execute(_INSERT_CONVERSATION, values).scalar_one()
     if commit:
         db.session.commit()
-    return conversation
+    return Conversation(id=conversation_id, **values)
 
 
 def update_conversation(user, conversation_id, title=None, model=None, system_prompt=None):

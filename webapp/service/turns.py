@@ -12,7 +12,7 @@ from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
-from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, utcnow
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, stored_text, utcnow
 from . import idempotency
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import take_turn
@@ -28,6 +28,7 @@ class Turn:
     conversation: Conversation
     user_message: Message | None
     answer: Message
+    job: Job | None = None  # the generation still to run, for a turn started with run_here (answer_here)
     replayed: bool = False  # a retry (same Idempotency-Key): the first request's answer, not a new one
 
     @property
@@ -52,10 +53,11 @@ class Turn:
 
 
 def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, options=None,
-               keep_model=False, idempotency_key=None):
+               keep_model=False, idempotency_key=None, run_here=False):
     """Save the prompt, claim the conversation, start generating; returns the Turn at once.
     `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's.
-    `idempotency_key`: a retry with the same key and request gets the first one's Turn (`replayed`)."""
+    `idempotency_key`: a retry with the same key and request gets the first one's Turn (`replayed`).
+    `run_here`: do not start the generation; the caller runs it with answer_here(turn)."""
     prompt = clean_prompt(prompt)
     model = check_model(model) if model is not None else None
     options = check_options(options)
@@ -63,7 +65,6 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     def start(claim):
         if conversation_id is None:
             conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
-            db.session.flush()
             history = []  # a new conversation has nothing before this prompt
         else:
             conversation = get_conversation(user, conversation_id)
@@ -73,7 +74,7 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
         prompt_message, answer = answers.open_answer(conversation, model or conversation.model, request_id,
                                                      prompt=prompt, is_live=generations.is_live,
                                                      queued=_queue_on(), guard=_guard(user, claim))
-        return _launch(conversation, prompt_message, answer, options, history, claim=claim)
+        return _launch(conversation, prompt_message, answer, options, history, claim=claim, run_here=run_here)
 
     return _once(user, idempotency_key, start, "chat", prompt=prompt, conversation_id=conversation_id,
                  model=model, options=options)
@@ -132,7 +133,7 @@ def _queue_on():
     return current_app.config["LLM_MAX_PARALLEL"] > 0
 
 
-def regenerate(user, conversation_id, model=None, request_id=None, options=None):
+def regenerate(user, conversation_id, model=None, request_id=None, options=None, run_here=False):
     """Run the last turn again. The last answer (failed, stopped or fine) is replaced by the new one."""
     conversation = get_conversation(user, conversation_id)
     model = check_model(model) if model else conversation.model
@@ -145,7 +146,7 @@ def regenerate(user, conversation_id, model=None, request_id=None, options=None)
     _, answer = answers.open_answer(conversation, model, request_id, replaces=replaces,
                                     is_live=generations.is_live, queued=_queue_on(),
                                     guard=lambda: take_turn(user))
-    return _launch(conversation, None, answer, options, None)
+    return _launch(conversation, None, answer, options, None, run_here=run_here)
 
 
 def start_exchange(user, messages, conversation_id=None, model=None, request_id=None, options=None,
@@ -174,9 +175,7 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
             if len(system) > SYSTEM_PROMPT_MAX:
                 system = ""  # too long for the conversation's system prompt: stored as a message instead
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
-                                               commit=False)
-            conversation.source = SOURCE_API
-            db.session.flush()
+                                               commit=False, source=SOURCE_API)
             stored = 1 if system else 0
         now = utcnow()
         earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
@@ -211,18 +210,46 @@ def _stored_prefix(conversation, messages):
     return len(path)
 
 
-def _launch(conversation, prompt_message, answer, options, history, context=None, claim=None):
+def _launch(conversation, prompt_message, answer, options, history, context=None, claim=None, run_here=False):
     if claim is not None:
         idempotency.bind(claim[0], claim[1], answer.id)
     messages = context if context is not None else build_context(conversation, answer.id, history, prompt_message)
     job = Job(message_id=answer.id, conversation_id=conversation.id, model=answer.model, messages=messages,
               options=options or {}, request_id=answer.request_id, queued=answer.status == QUEUED)
-    rows = [row for row in (conversation, prompt_message, answer) if row is not None]
-    for row in rows:
-        db.session.expunge(row)  # keeps what was written, readable after the commit
+    if conversation in db.session:  # a conversation read from the database; the rest are copies already
+        db.session.expunge(conversation)  # keeps what was written, readable after the commit
     db.session.commit()  # the prompt is safe before the LLM is called, and no connection is held after
+    if run_here:
+        return Turn(conversation, prompt_message, answer, job)
     generations.launch(job, llm_service.client)
     return Turn(conversation, prompt_message, answer)
+
+
+def answer_here(turn):
+    """Generate a turn started with `run_here` in the calling request, and return its answer as
+    saved (the Turn's own copy, updated), or None when its conversation was deleted meanwhile.
+
+    For a caller that waits for the whole answer anyway (the non-streaming API), this is the same
+    generation as a background one, registered the same way (Stop, followers, heartbeats, orphan
+    handling and shutdown see it) and saved by the same final write, but without a task to start,
+    a hand-off at its end and a re-read of the row. The answer still belongs to the server: a
+    client that hangs up does not stop the request's work (gunicorn finishes it), and the answer is
+    saved whole. A replayed turn (Idempotency-Key) has no generation to run: its first request runs
+    it, and this waits for its end as wait_final does."""
+    if turn.job is None:
+        return wait_final(turn.message_id)
+    generation = generations.run_here(turn.job, llm_service.client)
+    if generation.saved is None:  # the final save failed: report what the database holds
+        return _fresh_message(turn.message_id)
+    if not generation.saved:
+        return None
+    answer = turn.answer
+    # What the final write stored (SafeText turns NUL into U+FFFD in the database).
+    answer.content = stored_text(generation.live.text)
+    answer.status, answer.error_code, answer.error = generation.status, generation.code, generation.error
+    for name, value in generation.usage().items():
+        setattr(answer, name, value)
+    return answer
 
 
 def build_context(conversation, answer_id, history=None, prompt_message=None):

@@ -1,0 +1,115 @@
+"""The non-streaming turn generates its answer in its own request (no task, no hand-off, no re-read),
+and keeps every guarantee of a background generation: Stop, a deleted conversation, a request
+killed mid-answer. On PostgreSQL and SQLite."""
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from helpers import both_databases
+
+pytestmark = both_databases
+REPLY = "one two three four five six seven eight nine ten eleven twelve"
+
+
+def answer_row(app, message_id):
+    from webapp.extensions import db
+    from webapp.models import Message
+    with app.app_context():
+        return db.session.scalar(select(Message).where(Message.id == message_id))
+
+
+def in_background(app, auth, body):
+    """POST /chat/ on a thread of its own; returns (thread, result dict)."""
+    result = {}
+
+    def post():
+        result["response"] = app.test_client().post("/chat/", json=body, headers=auth)
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, result
+
+
+def live_answer(app, timeout=5.0):
+    """The id of the answer being generated in this process (waits for its first token)."""
+    registry = app.extensions["generations"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message_id in registry.ids():
+            live = registry.get(message_id)
+            if live is not None and live.text:
+                return message_id
+        time.sleep(0.01)
+    raise AssertionError("no answer started generating")
+
+
+def test_a_non_streaming_turn_starts_no_background_task(app, client, auth, ollama, monkeypatch):
+    from webapp import generation
+    started = []
+    spawn = generation.spawn
+
+    def recording_spawn(target, *args, name=None):
+        started.append(name)
+        return spawn(target, *args, name=name)
+    monkeypatch.setattr(generation, "spawn", recording_spawn)
+    ollama.script(reply=REPLY)
+    response = client.post("/chat/", json={"prompt": "hi"}, headers=auth)
+    assert response.status_code == 200 and response.get_json()["response"] == REPLY
+    assert not [name for name in started if name and name.startswith("generation-") and name != "generation-watchdog"]
+    body = response.get_json()
+    row = answer_row(app, body["message_id"])
+    assert (row.status, row.content, row.completion_tokens) == ("complete", REPLY, body["usage"]["completion_tokens"])
+
+
+def test_stop_from_another_request_ends_a_non_streaming_turn(app, auth, ollama):
+    ollama.script(reply=REPLY, delay=0.1)
+    thread, result = in_background(app, auth, {"prompt": "go"})
+    message_id = live_answer(app)
+    conversation_id = answer_row(app, message_id).conversation_id
+    stop = app.test_client().post(f"/conversations/{conversation_id}/stop", headers=auth)
+    thread.join(10)
+    assert stop.status_code == 200 and stop.get_json()["status"] == "cancelled"
+    body = result["response"].get_json()
+    assert result["response"].status_code == 200 and body["status"] == "cancelled"
+    assert body["response"] and len(body["response"]) < len(REPLY) and REPLY.startswith(body["response"])
+    row = answer_row(app, message_id)
+    assert (row.status, row.content) == ("cancelled", body["response"])
+
+
+def test_a_conversation_deleted_during_a_non_streaming_turn_answers_404(app, auth, ollama):
+    ollama.script(reply=REPLY, delay=0.1)
+    thread, result = in_background(app, auth, {"prompt": "go"})
+    message_id = live_answer(app)
+    conversation_id = answer_row(app, message_id).conversation_id
+    assert app.test_client().delete(f"/conversations/{conversation_id}", headers=auth).status_code == 204
+    thread.join(10)
+    assert result["response"].status_code == 404
+    assert result["response"].get_json()["error"]["code"] == "not_found"
+    assert answer_row(app, message_id) is None
+
+
+class Killed(BaseException):
+    """What gevent raises in a greenlet it kills (GreenletExit), e.g. a worker past its graceful timeout."""
+
+
+def test_a_request_killed_mid_answer_saves_the_answer_as_interrupted(app, user, ollama):
+    from webapp import llm, service
+    from webapp.extensions import db
+    from webapp.models import Conversation, User
+
+    class DyingClient:
+        def chat_stream(self, messages, model, options=None, abort=None):
+            yield llm.Chunk(text="half an ")
+            yield llm.Chunk(text="answer")
+            raise Killed()
+    with app.test_request_context():
+        app.extensions["llm"]._client = DyingClient()
+        turn = service.start_turn(db.session.get(User, user), "go", run_here=True)
+        with pytest.raises(Killed):
+            service.answer_here(turn)
+        row = answer_row(app, turn.message_id)
+        assert (row.status, row.content, row.error_code) == ("interrupted", "half an answer", "interrupted")
+        db.session.expire_all()
+        assert db.session.get(Conversation, turn.conversation_id).active_message_id is None  # free for a retry
+        assert not app.extensions["generations"].ids()
