@@ -65,10 +65,17 @@ def test_two_at_a_time_across_workers_round_robin_across_people(servers, app, ol
         threads.append(threading.Thread(target=stream, args=(server, auth, prompt, record), kwargs={
             "queued": waiting[-1]}))
         threads[-1].start()
-    for n in range(4):  # alice asks four things at once...
+    # alice asks four things, one after another (each has reached the model or the queue before the
+    # next is sent: two workers must not overtake each other on a loaded box)...
+    for n in range(2):
         ask(alice, f"alice {n}")
-        time.sleep(0.05)
-    assert waiting[3].wait(10) and waiting[2].wait(10)  # two run, two wait
+        deadline = time.monotonic() + 10
+        while len(ollama.chat_requests) <= n:
+            assert time.monotonic() < deadline, "alice's answer never reached the model"
+            time.sleep(0.01)
+    for n in range(2, 4):
+        ask(alice, f"alice {n}")
+        assert waiting[n].wait(10)  # two run, two wait
     for n in range(2):  # ...and bob two, a little later, while alice's first two still run
         ask(bob, f"bob {n}")
     assert waiting[4].wait(10) and waiting[5].wait(10)
