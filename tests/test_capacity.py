@@ -495,3 +495,54 @@ def test_an_overflowing_admission_queue_answers_503_busy_at_once_but_not_to_anot
         assert took < 10  # refused at once, not after DB_POOL_TIMEOUT
     assert [results[label][0].status_code for label in ("holder", "alice1", "bob")] == [200, 200, 200]
     assert " 500 " not in server.log_text()
+
+
+def test_a_group_commit_cut_short_by_a_kill_leaves_every_answer_to_save_its_own():
+    """Shutdown may kill the greenlet leading a batch of final saves (a non-streaming turn generates
+    in its request, and gunicorn kills requests past the graceful timeout): the others in the batch,
+    and the killed one, then save their own answers instead of being told "failed"."""
+    import threading
+    import time
+
+    from webapp.generation import _Finisher
+
+    class Killed(BaseException):
+        pass
+
+    calls, first_running = [], threading.Event()
+    release = threading.Event()
+
+    def commit(items):
+        calls.append(list(items))
+        if items == ["a"]:  # the first save runs while b and c queue up behind it
+            first_running.set()
+            release.wait(5)
+        elif len(items) > 1:  # the batch b leads: b is killed while committing it
+            raise Killed()
+        return [1] * len(items)
+
+    finisher = _Finisher()
+    finisher._commit = commit
+    results = {}
+
+    def save(name):
+        try:
+            results[name] = finisher.save(name)
+        except Killed:
+            results[name] = "killed"
+
+    threads = {name: threading.Thread(target=save, args=(name,)) for name in "abc"}
+    threads["a"].start()
+    assert first_running.wait(5)
+    threads["b"].start()
+    while len(finisher._pending) < 1:
+        time.sleep(0.001)
+    threads["c"].start()
+    while len(finisher._pending) < 2:
+        time.sleep(0.001)
+    release.set()
+    for thread in threads.values():
+        thread.join(5)
+    assert results == {"a": 1, "b": "killed", "c": 1}
+    assert ["b", "c"] in calls and ["b"] in calls and ["c"] in calls  # each saved alone after the cut
+    assert not finisher._busy and finisher._pending == []

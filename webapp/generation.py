@@ -160,6 +160,7 @@ class _Finisher:
     falls back to each answer's own retried save (answers.finish)."""
 
     _LEAD = object()
+    _SELF = object()  # the batch's commit was cut short (its leader was killed): save your own
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -175,17 +176,22 @@ class _Finisher:
         if not lead:
             try:
                 entry[1].wait()
-            except BaseException:  # killed while waiting (shutdown): never strand the others
+            except BaseException:  # killed while waiting (shutdown): never strand the others or itself
                 with self._lock:
+                    queued = any(other is entry for other in self._pending)
                     self._pending = [other for other in self._pending if other is not entry]
                     if entry[2] is self._LEAD:
                         self._pass_lead()
+                if queued:  # no batch has taken it: its answer is saved here, alone, or not at all
+                    self._commit([item])
                 raise
+            if entry[2] is self._SELF:
+                return self._commit([item])[0]
             if entry[2] is not self._LEAD:
                 return entry[2]
         with self._lock:
             batch, self._pending = self._pending, []
-        results = [None] * len(batch)
+        results = [self._SELF] * len(batch)
         try:
             results = self._commit([item for item, _, _ in batch])
         finally:
@@ -198,6 +204,8 @@ class _Finisher:
                     other[1].set()
             with self._lock:
                 self._pass_lead()
+            if mine is self._SELF:  # killed while committing: the others save their own; this one too
+                mine = self._commit([item])[0]
         return mine
 
     def _pass_lead(self):
