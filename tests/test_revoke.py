@@ -236,16 +236,19 @@ def test_open_streams_end_with_their_token_or_key_revoked_on_another_server(serv
         response.close()
 
 
-def test_an_open_v1_stream_ends_when_its_key_is_revoked(servers, app, ollama):
+@pytest.mark.parametrize("idempotent", [False, True], ids=["plain", "with-idempotency-key"])
+def test_an_open_v1_stream_ends_when_its_key_is_revoked(servers, app, ollama, idempotent):
     """/v1 streams are watched too: the openai SDK's stream raises the error frame within 5 s of the
-    key being revoked on another server, and the call is saved as cancelled, as when its client goes."""
+    key being revoked on another server, and the call is saved as cancelled, as when its client goes
+    (with an Idempotency-Key too, though a keyed call outlives its client: no retry may follow)."""
     make_user(app)
     ollama.script(**LONG_ANSWER)
     streaming, other = servers(workers=2), servers()
     auth = login(other.url, "alice", PASSWORD)
     key = requests.post(other.url + "/auth/keys", json={"name": "sdk"}, headers=auth, timeout=10).json()["key"]
     client = openai.OpenAI(base_url=streaming.url + "/v1", api_key=key, max_retries=0, timeout=20)
-    stream = client.chat.completions.create(model="tinyllama", stream=True,
+    headers = {"Idempotency-Key": "revoked-call-1"} if idempotent else None
+    stream = client.chat.completions.create(model="tinyllama", stream=True, extra_headers=headers,
                                             messages=[{"role": "user", "content": "talk"}])
     texts, revoked_at = [], None
     with pytest.raises(openai.APIError) as caught:

@@ -437,7 +437,9 @@ def stream_chunks(turn, include_usage, gone, cancel=True):
     try:
         yield chunk({"role": "assistant", "content": ""})
         for kind, value in service.follow(turn.message_id):
-            if not watch.still_allowed():
+            if not watch.still_allowed():  # cancelled even with an Idempotency-Key: no retry may follow
+                finished = True
+                service.cancel(turn.message_id)
                 yield _frame(error_body("Your API key or token is no longer valid: the call was ended.",
                                         "invalid_request_error", "invalid_api_key"))
                 return
