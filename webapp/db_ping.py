@@ -1,12 +1,14 @@
 """Checking a pooled database connection before use, only when it may have gone stale.
 
 SQLAlchemy's `pool_pre_ping` sends a `SELECT 1` on every checkout: one more round trip for every
-request and every background write, two per turn. A connection that was in use a moment ago is not
-the one a PostgreSQL restart, a proxy's idle timeout or a firewall silently dropped, so here only a
-connection idle for more than PING_AFTER_IDLE seconds is pinged; a dead one is replaced before the
-caller sees it (SQLAlchemy's documented pessimistic pattern: DisconnectionError on checkout makes
-the pool discard it and try another). A connection that dies while busy fails its statement as it
-would with a pre-ping too, and SQLAlchemy then invalidates every older connection of the pool.
+request and every background write, two per turn. Connections a proxy's idle timeout or a firewall
+silently drops are idle ones, so here only a connection idle for more than PING_AFTER_IDLE seconds
+is pinged; a dead one is replaced before the caller sees it (SQLAlchemy's documented pessimistic
+pattern), and because a dead idle connection usually means the server restarted, which kills every
+connection, it raises InvalidatePoolError (what pool_pre_ping does too): the pool discards every
+connection older than now, busy ones at their check-in, so a restart costs one failed ping, not one
+failed statement per pooled connection. A connection that dies while busy fails its statement as
+it would with a pre-ping too, and SQLAlchemy then invalidates every older connection of the pool.
 """
 import time
 
@@ -33,5 +35,5 @@ def install(engine, after_idle=PING_AFTER_IDLE):
             return
         try:
             dialect.do_ping(dbapi_connection)
-        except Exception as error:  # dead: the pool drops it and checks out another
-            raise exc.DisconnectionError(f"connection idle {time.monotonic() - idle_since:.0f} s was dead") from error
+        except Exception as error:  # dead: the pool drops it (and every older one) and checks out another
+            raise exc.InvalidatePoolError(f"connection idle {time.monotonic() - idle_since:.0f} s was dead") from error
