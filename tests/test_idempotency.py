@@ -341,3 +341,19 @@ def test_keys_expire_spellings_agree_and_a_deleted_answer_frees_its_key(app, cli
     conversation = later.get_json()["conversation_id"]
     assert client.delete(f"/conversations/{conversation}", headers=auth).status_code == 204
     assert key_rows(app) == []
+
+
+def test_a_retry_after_the_answer_was_regenerated_replays_the_new_answer(app, client, auth, ollama):
+    """Regenerate replaces the answer a key opened: a late retry with that key gets the answer that
+    took its place, and adds nothing to the conversation."""
+    first = client.post("/chat/", json={"prompt": "hi"}, headers={**auth, "Idempotency-Key": "regen-1"}).get_json()
+    conversation = first["conversation_id"]
+    again = client.post(f"/conversations/{conversation}/regenerate", json={}, headers=auth)
+    assert again.status_code == 200, again.get_json()
+    new_id = again.get_json()["message_id"]
+    assert new_id != first["message_id"]
+    retry = client.post("/chat/", json={"prompt": "hi"}, headers={**auth, "Idempotency-Key": "regen-1"})
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.get_json()["message_id"] == new_id
+    messages = client.get(f"/conversations/{conversation}", headers=auth).get_json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["id"] == new_id

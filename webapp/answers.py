@@ -34,6 +34,7 @@ from .models import (
     RUNNING_STATUSES,
     STREAMING,
     Conversation,
+    IdempotencyKey,
     Message,
     stored_text,
     utcnow,
@@ -90,10 +91,14 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
         rows = [] if prompt is None else [_row(conversation.id, "user", prompt, COMPLETE, None, request_id, None, now)]
         rows.append(_row(conversation.id, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now))
         count = conversation.message_count + len(rows)
-        if replaces is not None:
-            count -= db.session.execute(delete(Message).where(Message.id == replaces)).rowcount
         added = _insert_messages(rows)
         answer = added[-1]
+        if replaces is not None:
+            # A late retry of the request that made the replaced answer finds the one that took its
+            # place, not a freed key (deleting the old row would cascade to its key).
+            db.session.execute(update(IdempotencyKey).where(IdempotencyKey.message_id == replaces)
+                               .values(message_id=answer.id))
+            count -= db.session.execute(delete(Message).where(Message.id == replaces)).rowcount
         if _claim(conversation.id, answer.id, count, now):
             for name, value in (("active_message_id", answer.id), ("message_count", count), ("updated_at", now)):
                 set_committed_value(conversation, name, value)
