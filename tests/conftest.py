@@ -138,6 +138,16 @@ def user(app):
 
 
 @pytest.fixture
+def alice(app):
+    """A user, as the service takes one: inside a request context, loaded by its session."""
+    make_user(app)
+    with app.test_request_context():
+        from webapp.extensions import db
+        from webapp.models import User
+        yield db.session.get(User, 1)
+
+
+@pytest.fixture
 def token(client, user):
     return login_token(client)
 

@@ -2,21 +2,11 @@
 and SQLite."""
 from datetime import UTC, datetime
 
-import pytest
 from sqlalchemy import insert
 
-from helpers import both_databases, make_user
+from helpers import both_databases
 
 pytestmark = both_databases
-
-
-@pytest.fixture
-def alice(app):
-    make_user(app)
-    with app.test_request_context():
-        from webapp.extensions import db
-        from webapp.models import User
-        yield db.session.get(User, 1)
 
 
 def long_chat(user, count):

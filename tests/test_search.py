@@ -13,15 +13,6 @@ pytestmark = both_databases
 BASE = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture
-def alice(app):
-    make_user(app)
-    with app.test_request_context():
-        from webapp.extensions import db
-        from webapp.models import User
-        yield db.session.get(User, 1)
-
-
 def seed(user, chats, word_in=lambda n: False, per_chat=4, title=lambda n: f"chat {n}", stamp=None,
          status="complete"):
     """`chats` conversations; chat n has `per_chat` messages and says "Replica" in its middle one

@@ -9,15 +9,6 @@ from helpers import both_databases, make_user, wait_idle
 pytestmark = both_databases
 
 
-@pytest.fixture
-def alice(app):
-    make_user(app)
-    with app.test_request_context():
-        from webapp.extensions import db
-        from webapp.models import User
-        yield db.session.get(User, 1)
-
-
 def rows(conversation_id):
     from webapp.extensions import db
     from webapp.models import Message

@@ -308,8 +308,9 @@ class IdempotencyKey(db.Model):
     instead of starting another. Inserted in the transaction that opens the answer, first of its
     writes, so of two simultaneous requests with one key the primary key lets exactly one through.
     `message_id` is NULL only inside that transaction; deleting the answer (or its conversation)
-    deletes the key with it, and regenerating it moves the key to the answer that takes its place. Keys count for IDEMPOTENCY_KEY_HOURS (24); older rows are ignored and
-    removed by the person's next keyed request (webapp/service/idempotency.py)."""
+    deletes the key with it, and regenerating it moves the key to the answer that takes its place.
+    Keys count for IDEMPOTENCY_KEY_HOURS (24); older rows are ignored and removed by the person's
+    next keyed request (webapp/service/idempotency.py)."""
     __tablename__ = "idempotency_keys"
     __table_args__ = (
         Index("ix_idempotency_keys_user_id_created_at", "user_id", "created_at"),
