@@ -30,20 +30,34 @@ def token_error(status, error, description, **extra):
     return response
 
 
-def too_many_attempts(seconds):
+def too_many_attempts(seconds, what="failed sign-ins"):
     """429 while sign-ins are throttled, in the RFC's shape (with a string `error`), and Retry-After."""
-    response = token_error(429, "too_many_attempts", f"too many failed sign-ins; try again in {seconds} seconds",
+    response = token_error(429, "too_many_attempts", f"too many {what}; try again in {seconds} seconds",
                            retry_after=seconds)
     response.headers["Retry-After"] = str(seconds)
     return response
 
 
+def unavailable(exc):
+    """RFC 6749's temporarily_unavailable, as 503 with Retry-After (the limit store or password pool is full)."""
+    response = token_error(503, "temporarily_unavailable", exc.description)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def repeated_parameter(form):
+    """RFC 6749 §3.2 (and RFC 7009 §2.1, which builds on it): no parameter may be sent twice."""
+    repeated = sorted(name for name in form if len(form.getlist(name)) > 1)
+    if repeated:
+        return token_error(400, "invalid_request", f"parameter repeated: {repeated[0]}")
+    return None
+
+
 @bp.post("/auth/login")
 def login():
     form = request.form
-    repeated = sorted(name for name in form if len(form.getlist(name)) > 1)
-    if repeated:  # RFC 6749 §3.2: parameters MUST NOT be included more than once
-        return token_error(400, "invalid_request", f"parameter repeated: {repeated[0]}")
+    if (refused := repeated_parameter(form)) is not None:
+        return refused
     if form.get("grant_type") not in (None, "", "password"):
         return token_error(400, "unsupported_grant_type", "only grant_type=password is supported")
     for field in ("username", "password"):
@@ -55,10 +69,8 @@ def login():
             user = authenticate(form["username"], form["password"])
     except throttle.Throttled as exc:
         return too_many_attempts(exc.retry_after)
-    except Busy as exc:  # RFC 6749's temporarily_unavailable, as 503 with Retry-After
-        response = token_error(503, "temporarily_unavailable", exc.description)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+    except Busy as exc:
+        return unavailable(exc)
     if user is not None:
         attempt.succeeded()  # counted by outcome: a right password gives its hits back
         throttle.remember_device(user.username)
@@ -87,9 +99,8 @@ def revoke():
     REVOKE_LIMIT_PER_ADDRESS before anything is looked up, so the answer to a throttled client says
     nothing about the token either."""
     form = request.form
-    repeated = sorted(name for name in form if len(form.getlist(name)) > 1)
-    if repeated:  # RFC 6749 §3.2, as RFC 7009 §2.1 builds on it
-        return token_error(400, "invalid_request", f"parameter repeated: {repeated[0]}")
+    if (refused := repeated_parameter(form)) is not None:
+        return refused
     if "token" in request.args:  # a URL ends up in logs and histories
         return token_error(400, "invalid_request", "send token in the request body (a form), not in the URL")
     if request.content_length and request.mimetype != FORM:
@@ -102,15 +113,9 @@ def revoke():
     try:
         throttle.revocation()
     except throttle.Throttled as exc:
-        response = token_error(429, "too_many_attempts",
-                               f"too many revocation requests; try again in {exc.retry_after} seconds",
-                               retry_after=exc.retry_after)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+        return too_many_attempts(exc.retry_after, "revocation requests")
     except Busy as exc:
-        response = token_error(503, "temporarily_unavailable", exc.description)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+        return unavailable(exc)
     if len(token) <= TOKEN_MAX:
         if api_keys.looks_like_key(token):
             api_keys.revoke_by_value(token)

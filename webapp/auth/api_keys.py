@@ -22,6 +22,7 @@ from ..errors import ServiceError, invalid, not_found
 from ..extensions import db
 from ..limits import API_KEY_DAYS_MAX, API_KEY_NAME_MAX
 from ..models import ApiKey, User, utcnow
+from ..service.validation import clean_text
 
 PREFIX = "llmk_"
 SHOWN_PREFIX = 12  # characters of the key kept in clear to tell keys apart: "llmk_" + 7
@@ -42,14 +43,7 @@ def _hash(key):
 
 
 def clean_name(name):
-    if not isinstance(name, str):
-        raise invalid("name", "name must be a string")
-    name = name.strip()
-    if not name:
-        raise invalid("name", "name must not be empty")
-    if len(name) > API_KEY_NAME_MAX:
-        raise invalid("name", f"name is longer than {API_KEY_NAME_MAX} characters")
-    return name
+    return clean_text(name, "name", API_KEY_NAME_MAX, allow_empty=False)
 
 
 def clean_days(days):

@@ -32,7 +32,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from ..extensions import db
-from ..models import FINAL_STATUSES, Conversation, Message
+from ..models import FINAL_STATUSES, Conversation, Message, stored_text
 
 WALK_MESSAGES = 2000   # messages the first walk batch may check (later batches double it)
 WALK_MESSAGES_MAX = 48000
@@ -59,7 +59,7 @@ def contains(column, query, scan=False):
     there a non-ASCII search compares through Python's str.lower (the unicode_lower function every
     SQLite connection gets). Which one is decided when the statement is compiled. A NUL becomes
     U+FFFD, as it does in everything stored (models._NoNul; PostgreSQL refuses NUL in text)."""
-    return Contains(column, query.strip().replace("\x00", "\ufffd"), scan)
+    return Contains(column, stored_text(query.strip()), scan)
 
 
 class Contains(ColumnElement):
