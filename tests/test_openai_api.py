@@ -296,3 +296,15 @@ def test_the_api_lists_conversations_by_source(client, key):
     assert len(client.get("/conversations", headers=key).get_json()["conversations"]) == 2
     wrong = client.get("/conversations?source=cli", headers=key)
     assert wrong.status_code == 400 and wrong.get_json()["error"]["field"] == "source"
+
+
+def test_hostile_json_is_a_400_not_a_500(client, key):
+    """What the JSON API's parser refuses (webapp/api/guard.json_body) /v1 refuses too, in OpenAI's
+    shape: a string no UTF-8 text can hold (a lone surrogate) and nesting too deep for the parser."""
+    headers = {**key, "Content-Type": "application/json"}
+    lone = '{"model": "tinyllama", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    response = client.post("/v1/chat/completions", data=lone, headers=headers)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["error"]["param"] == "messages[0].content"
+    deep = client.post("/v1/chat/completions", data="[" * 100_000, headers=headers)
+    assert deep.status_code == 400 and deep.get_json()["error"]["code"] == "invalid_json"

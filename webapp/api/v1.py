@@ -28,7 +28,7 @@ from .. import service, stream_auth
 from ..auth import api_keys, tokens
 from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError, with_http_headers
 from ..extensions import db, llm_service
-from .guard import bearer_user, idempotency_key, mark_replayed
+from .guard import bearer_user, idempotency_key, json_body, mark_replayed
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -346,9 +346,12 @@ def conversation_ref(data):
 def chat_completions():
     if not request.is_json:
         raise invalid(None, "send a JSON body with Content-Type: application/json", "invalid_json")
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json")
+    try:  # the API's parser: it also refuses nesting too deep to parse and lone surrogates
+        data = json_body()
+    except ServiceError as exc:
+        if exc.code == "invalid_field":  # names the field: OpenAI's 400 with `param`
+            raise
+        raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
     model, messages, options, stream, include_usage, conversation_id = parse_request(data)
     key = idempotency_key()
     _check_model(model)
