@@ -409,10 +409,6 @@ class Generation:
                                       error=error, model=job.model, request_id=job.request_id, **usage)
         self._log(status, code, final)
 
-    def usage(self):
-        """The final chunk's counts and durations, as the message row's columns."""
-        return _usage(self.final or llm.Chunk())
-
     def _wait_for_slot(self):
         """Ask once at once; then wait, holding nothing, for the watchdog's ticks to admit it."""
         config = current_app.config

@@ -12,7 +12,7 @@ from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
-from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, stored_text, utcnow
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, utcnow
 from . import idempotency
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import take_turn
@@ -243,13 +243,7 @@ def answer_here(turn):
         return _fresh_message(turn.message_id)
     if not generation.saved:
         return None
-    answer = turn.answer
-    # What the final write stored (SafeText turns NUL into U+FFFD in the database).
-    answer.content = stored_text(generation.live.text)
-    answer.status, answer.error_code, answer.error = generation.status, generation.code, generation.error
-    for name, value in generation.usage().items():
-        setattr(answer, name, value)
-    return answer
+    return generation.live.final  # the row as the final write stored it (made by Generation._save)
 
 
 def build_context(conversation, answer_id, history=None, prompt_message=None):
