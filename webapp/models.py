@@ -103,8 +103,6 @@ class User(UserMixin, db.Model):
 
     # The browser session this object was loaded for or signed in with (see auth/sessions.py).
     session_token = None
-    # The bearer token (JWT id) this object was loaded for (see auth/tokens.verify).
-    token_jti = None
 
     def set_password(self, password):
         # Hashing runs in the password pool; callers release their database connection first.

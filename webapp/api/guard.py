@@ -32,12 +32,11 @@ def bearer_user(token):
     g.api_user = api_keys.verify(token) if is_key else tokens.verify(token)
     g.user_name = g.api_user.username
     # What an open stream re-checks (webapp/stream_auth.py), read now while the row is fresh: a token's
-    # version and jti (sign-out everywhere, or this token revoked), or a key's row. A key outlives
-    # sign-out everywhere (DESIGN), so its streams end when it is revoked or expires, or with the account.
+    # version and jti (sign-out everywhere, or this token revoked; the verifier sets g.auth_jti), or a
+    # key's row (g.auth_key_id). A key outlives sign-out everywhere (DESIGN), so its streams end when
+    # it is revoked or expires, or with the account.
     g.auth_user_id = g.api_user.id
     g.auth_token_version = None if is_key else g.api_user.token_version
-    g.auth_jti = None if is_key else g.api_user.token_jti
-    g.auth_key_id = g.api_key_id if is_key else None
     return g.api_user
 
 

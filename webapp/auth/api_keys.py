@@ -119,6 +119,6 @@ def verify(key):
     if record.last_used_at is None or now - record.last_used_at >= TOUCH_EVERY:
         db.session.execute(update(ApiKey).where(ApiKey.id == record.id).values(last_used_at=now))
         db.session.commit()
-    g.api_key_id = record.id
+    g.auth_key_id = record.id  # what an open stream re-checks (webapp/stream_auth.py)
     g.api_key_limits = (record.max_running, record.max_per_minute)  # see service/fairness.limits_of
     return user

@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 
 import jwt
-from flask import current_app
+from flask import current_app, g
 from sqlalchemy import and_, delete, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -52,7 +52,7 @@ def claims_of(token):
 
 
 def verify(token):
-    """The active user the token belongs to (with `token_jti`: what an open stream re-checks), or
+    """The active user the token belongs to (its jti goes to g.auth_jti: what an open stream re-checks), or
     TokenError saying why not. One query: the user, left-joined with the token's denylist row."""
     claims = claims_of(token)
     row = db.session.execute(
@@ -66,7 +66,7 @@ def verify(token):
         raise TokenError("token was revoked")
     if not user.is_active or claims.get("ver") != user.token_version:
         raise TokenError("token is no longer valid")
-    user.token_jti = claims["jti"]
+    g.auth_jti = claims["jti"]  # what an open stream re-checks (webapp/stream_auth.py)
     return user
 
 
