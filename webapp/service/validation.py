@@ -2,6 +2,7 @@
 webapp/limits.py (fixed) or the configuration (operator's)."""
 from flask import current_app
 
+from ..answers import model_key
 from ..errors import LLMError, ServiceError, invalid
 from ..extensions import llm_service
 from ..limits import MAX_ID, MODEL_NAME_MAX, OPTION_RULES, SYSTEM_PROMPT_MAX, TITLE_FROM_PROMPT, TITLE_MAX
@@ -40,11 +41,6 @@ def clean_model(value):
     return clean_text(value, "model", MODEL_NAME_MAX, allow_empty=False)
 
 
-def _tagged(name):
-    """Ollama reads a name without a tag as ':latest'."""
-    return name if ":" in name else name + ":latest"
-
-
 def known_models():
     """The names a client may pick: the model server's list (cached, see llm_service) plus the
     operator's ALLOWED_MODELS; while the server is unreachable, ALLOWED_MODELS and DEFAULT_MODEL."""
@@ -59,7 +55,7 @@ def known_models():
 def check_model(value, field="model"):
     """A model name a client gave: well-formed and one this server offers, else 422 unknown_model."""
     name = clean_text(value, field, MODEL_NAME_MAX, allow_empty=False)
-    if _tagged(name) not in {_tagged(known) for known in known_models()}:
+    if model_key(name) not in {model_key(known) for known in known_models()}:  # 'x' is 'x:latest'
         raise ServiceError(422, "unknown_model", f"{field} '{name[:80]}' is not a model this server offers "
                                                  "(GET /models lists them)", field)
     return name
