@@ -281,31 +281,35 @@ def finish_many(items):
     Rows are written in message id order, as `flush` writes them: two transactions that lock
     several of the same rows in different orders can deadlock (the watchdog's flush and a batch)."""
     now = utcnow()
-    table, conversations = Message.__table__, Conversation.__table__
-    usage_keys = sorted(items[0][6] or {})
+    usage_keys = tuple(sorted(items[0][6] or {}))
     items = sorted(items, key=lambda item: item[0])
+    messages = [{"b_id": message_id, "b_text": text, "b_status": status, "b_code": code, "b_error": error,
+                 "b_now": now, **{"b_" + key: (usage or {}).get(key) for key in usage_keys}}
+                for message_id, _, status, text, code, error, usage in items]
+    releases = [{"b_conversation_id": conversation_id, "b_message_id": message_id, "b_now": now}
+                for message_id, conversation_id, *_ in items]
+    if len(items) == 1:  # an answer ending alone (the common case): plain statements, not executemany
+        messages, releases = messages[0], releases[0]
     try:
-        saved = db.session.execute(
-            update(table).where(table.c.id == bindparam("b_id")).values(
-                content=bindparam("b_text"), status=bindparam("b_status"), error_code=bindparam("b_code"),
-                error=bindparam("b_error"), heartbeat_at=now, **{key: bindparam("b_" + key) for key in usage_keys}),
-            [{"b_id": message_id, "b_text": text, "b_status": status, "b_code": code, "b_error": error,
-              **{"b_" + key: (usage or {}).get(key) for key in usage_keys}}
-             for message_id, _, status, text, code, error, usage in items]).rowcount
-        db.session.execute(
-            update(conversations).where(conversations.c.id == bindparam("b_conversation"),
-                                        conversations.c.active_message_id == bindparam("b_id"))
-            .values(active_message_id=None, updated_at=now),
-            [{"b_conversation": conversation_id, "b_id": message_id}
-             for message_id, conversation_id, *_ in items])
+        saved = db.session.execute(_finish_many_statement(usage_keys), messages).rowcount
+        db.session.execute(_RELEASE_AT, releases)
         ids = [item[0] for item in items]
         existing = set(ids) if saved == len(ids) else set(
-            db.session.scalars(select(table.c.id).where(table.c.id.in_(ids))))
+            db.session.scalars(select(MESSAGES.c.id).where(MESSAGES.c.id.in_(ids))))
         db.session.commit()
     except Exception:
         db.session.rollback()
         raise
     return existing
+
+
+@functools.cache
+def _finish_many_statement(usage_keys):
+    """finish_many's UPDATE, built once per set of usage columns (building one costs as much as running it)."""
+    return update(MESSAGES).where(MESSAGES.c.id == bindparam("b_id")).values(
+        content=bindparam("b_text"), status=bindparam("b_status"), error_code=bindparam("b_code"),
+        error=bindparam("b_error"), heartbeat_at=bindparam("b_now"),
+        **{key: bindparam("b_" + key) for key in usage_keys})
 
 
 def interrupted(message_id, conversation_id, text):

@@ -105,6 +105,7 @@ def set_password(user, password, keep_session=None):
 
 def revoke_all(user):
     """End every session and bearer token of this user at once (a leaked token, a lost laptop)."""
+    user = db.session.get(User, user.id)  # the session's own row (a bearer token's user is a copy: tokens.verify)
     user.token_version += 1
     sessions.revoke_all(user.id)
     db.session.commit()

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import jwt
 from flask import current_app, g
-from sqlalchemy import and_, delete, literal, select
+from sqlalchemy import and_, bindparam, delete, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..extensions import db
@@ -53,21 +53,27 @@ def claims_of(token):
 
 def verify(token):
     """The active user the token belongs to (its jti goes to g.auth_jti: what an open stream re-checks), or
-    TokenError saying why not. One query: the user, left-joined with the token's denylist row."""
+    TokenError saying why not. One Core query: the user's row, left-joined with the token's denylist row.
+    Every request with a bearer token runs it, so it skips the ORM's load (identity map, instance
+    state): the User returned is a plain copy of the row, not tracked by the session; a view that
+    changes the account loads it (db.session.get) and writes that."""
     claims = claims_of(token)
-    row = db.session.execute(
-        select(User, RevokedToken.jti)
-        .outerjoin(RevokedToken, and_(RevokedToken.jti == claims["jti"], RevokedToken.user_id == User.id))
-        .where(User.id == int(claims["sub"]))).first()
+    row = db.session.execute(_VERIFY, {"b_user_id": int(claims["sub"]), "b_jti": claims["jti"]}).first()
     if row is None:
         raise TokenError("token is no longer valid")
-    user, revoked = row
-    if revoked is not None:
+    values = row._asdict()
+    if values.pop("revoked_jti") is not None:
         raise TokenError("token was revoked")
-    if not user.is_active or claims.get("ver") != user.token_version:
+    if not values["is_active"] or claims.get("ver") != values["token_version"]:
         raise TokenError("token is no longer valid")
     g.auth_jti = claims["jti"]  # what an open stream re-checks (webapp/stream_auth.py)
-    return user
+    return User(**values)
+
+
+_USERS, _REVOKED = User.__table__, RevokedToken.__table__
+_VERIFY = (select(_USERS, _REVOKED.c.jti.label("revoked_jti"))
+           .outerjoin(_REVOKED, and_(_REVOKED.c.jti == bindparam("b_jti"), _REVOKED.c.user_id == _USERS.c.id))
+           .where(_USERS.c.id == bindparam("b_user_id")))
 
 
 def revoke(token):
