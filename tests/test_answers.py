@@ -87,6 +87,29 @@ def test_a_claim_over_a_dead_workers_answer_succeeds(app, conversation):
     assert reload(Conversation, conversation.id).active_message_id == answer.id
 
 
+def test_earlier_messages_are_written_by_the_attempt_that_claims(app, conversation):
+    """`earlier` rows go in with the prompt in each attempt: the first attempt's rollback (the claim
+    failed on a dead worker's answer) does not lose them, and the count includes them."""
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, utcnow
+    _, stuck = answers.open_answer(conversation, "tinyllama", None, prompt="hello")
+    db.session.commit()
+    reload(Message, stuck.id).heartbeat_at = utcnow() - timedelta(minutes=5)
+    db.session.commit()
+    prompt, answer = answers.open_answer(reload(Conversation, conversation.id), "tinyllama", None, prompt="E",
+                                         earlier=[("user", "C"), ("assistant", "D")])
+    db.session.commit()
+    assert (prompt.role, prompt.content) == ("user", "E")
+    rows = db.session.execute(select(Message.id, Message.role, Message.content, Message.status)
+                              .order_by(Message.id)).all()
+    assert [(role, content, status) for _, role, content, status in rows[2:]] == [
+        ("user", "C", "complete"), ("assistant", "D", "complete"), ("user", "E", "complete"),
+        ("assistant", "", "pending")]
+    assert [rows[-2].id, rows[-1].id] == [prompt.id, answer.id]
+    assert reload(Conversation, conversation.id).message_count == len(rows) == 6
+
+
 def test_stop_requests_and_deleted_answers_are_both_cancelled(app, conversation):
     from webapp import answers
     from webapp.extensions import db

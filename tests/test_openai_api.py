@@ -263,6 +263,38 @@ def test_an_edited_history_starts_a_new_conversation_and_loses_nothing(app, clie
     assert [len(rows) for _, _, rows in conversations(app)] == [2, 4]
 
 
+def test_new_messages_survive_taking_over_a_dead_workers_answer(app, client, key):
+    """The conversation is held by an answer orphaned by a dead worker: the claim fails, is rolled
+    back, the orphan is freed and the claim retried. The messages past the stored path (between it
+    and the last) are written by that retry too, not lost with the first attempt."""
+    from datetime import timedelta
+
+    from sqlalchemy import func, select
+
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, utcnow
+    cid = ask(client, key).headers["X-Conversation-Id"]
+    with app.app_context():
+        _, orphan = answers.open_answer(db.session.get(Conversation, int(cid)), "tinyllama", None)
+        db.session.commit()  # an answer no worker here runs: its worker died...
+        db.session.get(Message, orphan.id).heartbeat_at = utcnow() - timedelta(minutes=5)  # ...a while ago
+        db.session.commit()
+    messages = [*HELLO, {"role": "assistant", "content": "Hello from the fake model."},
+                {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"},
+                {"role": "user", "content": "E"}]
+    response = client.post(URL, json={"model": "tinyllama", "messages": messages},
+                           headers={**key, "X-Conversation-Id": cid})
+    assert response.status_code == 200 and response.headers["X-Conversation-Id"] == cid
+    [(_, _, rows)] = conversations(app)
+    assert rows == [("user", "hello", "complete"), ("assistant", "Hello from the fake model.", "complete"),
+                    ("assistant", "", "interrupted"), ("user", "C", "complete"), ("assistant", "D", "complete"),
+                    ("user", "E", "complete"), ("assistant", "Hello from the fake model.", "complete")]
+    with app.app_context():
+        count = db.session.scalar(select(func.count()).select_from(Message).where(Message.conversation_id == int(cid)))
+        assert db.session.get(Conversation, int(cid)).message_count == count == 7
+
+
 def test_web_conversations_are_marked_web(app, client, auth):
     client.post("/chat/", json={"prompt": "hi"}, headers=auth)
     assert conversations(app)[0][0] == "web"

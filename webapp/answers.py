@@ -75,7 +75,7 @@ def _never_live(message_id):
 # ---- start ------------------------------------------------------------------------------------------
 
 def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_live=_never_live,
-                queued=False, guard=None):
+                queued=False, guard=None, earlier=()):
     """In the caller's transaction: add the prompt (if any) and an empty answer, and claim the
     conversation with a compare-and-set on its busy flag. Nothing is committed here. Returns
     (prompt_message, answer), copies of the rows as written (not tracked by the session); raises
@@ -83,12 +83,18 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
     An answer orphaned by a dead worker does not block: it is saved as interrupted, and the claim
     tried once more. `replaces`: the id of an answer the new one takes the place of (regenerate).
     `queued`: the answer waits for a slot at the model (see `admit`). `guard()`: run at the start of
-    each attempt's transaction (the per-person limits take their lock and count there)."""
+    each attempt's transaction (the per-person limits take their lock and count there).
+    `earlier`: [(role, content)] stored complete before the prompt (/v1's messages past the stored
+    path). They are part of every attempt's rows: a failed claim's rollback takes them away, so
+    rows added by the caller beforehand would be lost on the retry."""
     for attempt in range(2):
         if guard is not None:
             guard()
         now = utcnow()
-        rows = [] if prompt is None else [_row(conversation.id, "user", prompt, COMPLETE, None, request_id, None, now)]
+        rows = [_row(conversation.id, role, content, COMPLETE, None, request_id, None, now)
+                for role, content in earlier]
+        if prompt is not None:
+            rows.append(_row(conversation.id, "user", prompt, COMPLETE, None, request_id, None, now))
         rows.append(_row(conversation.id, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now))
         count = conversation.message_count + len(rows)
         added = _insert_messages(rows)
@@ -102,7 +108,7 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
         if _claim(conversation.id, answer.id, count, now):
             for name, value in (("active_message_id", answer.id), ("message_count", count), ("updated_at", now)):
                 set_committed_value(conversation, name, value)
-            return (added[0] if prompt is not None else None), answer
+            return (added[-2] if prompt is not None else None), answer
         conversation_id = conversation.id
         db.session.rollback()
         if db.session.scalar(select(Conversation.id).where(Conversation.id == conversation_id)) is None:

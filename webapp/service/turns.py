@@ -12,7 +12,7 @@ from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
-from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message, utcnow
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message
 from . import idempotency
 from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import take_turn
@@ -177,16 +177,12 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
                                                commit=False, source=SOURCE_API)
             stored = 1 if system else 0
-        now = utcnow()
-        earlier = [Message(conversation_id=conversation.id, role=m["role"], content=m["content"], status=COMPLETE,
-                           request_id=request_id, created_at=now) for m in messages[stored:-1]]
-        if earlier:
-            db.session.add_all(earlier)
-            conversation.message_count += len(earlier)  # open_answer's claim counts on from here
-            db.session.flush()
+        # The messages past the stored ones go in with the prompt, in each of open_answer's attempts:
+        # added here, a retry after freeing an orphaned answer (its rollback) would lose them.
+        earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
         prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
                                                      is_live=generations.is_live, queued=_queue_on(),
-                                                     guard=_guard(user, claim))
+                                                     guard=_guard(user, claim), earlier=earlier)
         return _launch(conversation, prompt_message, answer, options, None, context=list(messages), claim=claim)
 
     return _once(user, idempotency_key, start, "chat.completions", messages=messages,
