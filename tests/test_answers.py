@@ -150,3 +150,43 @@ def test_finish_many_saves_answers_ending_together_in_one_transaction(app, conve
     assert (second.status, second.content, second.error_code, second.error) == (
         "error", "sec\ufffdond", "upstream_error", "it broke")
     assert [reload(Conversation, c).active_message_id for _, c in opened[:2]] == [None, None]
+
+
+def test_an_answer_ending_alone_is_saved_and_freed_in_one_go(app, conversation):
+    """finish_many with one answer (PostgreSQL: one statement in autocommit, webapp.answers._finish_alone):
+    the outcome is written, the conversation freed, and the connection left with no transaction; a row
+    gone meanwhile reports nothing saved and writes nothing."""
+    from sqlalchemy import event
+
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    usage = {"done_reason": "stop", "completion_tokens": 2}
+    _, answer = answers.open_answer(reload(Conversation, conversation.id), "tinyllama", None, prompt="hi")
+    conversation_id = conversation.id
+    db.session.commit()  # the finish runs with no transaction open, as a generation's does
+    statements = []
+
+    def record(connection, cursor, statement, *args):
+        statements.append(statement)
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        assert answers.finish_many([(answer.id, conversation_id, "complete", "a\x00b", None, None, usage)]) == {
+            answer.id}
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert len(statements) == (1 if db.engine.dialect.name == "postgresql" else 2)  # not a silent fallback
+    assert not db.session().in_transaction()
+    row = reload(Message, answer.id)
+    assert (row.status, row.content, row.completion_tokens, row.done_reason) == ("complete", "a\ufffdb", 2, "stop")
+    freed = reload(Conversation, conversation.id)
+    assert freed.active_message_id is None and freed.updated_at >= row.created_at
+    db.session.rollback()
+
+    _, second = answers.open_answer(reload(Conversation, conversation.id), "tinyllama", None, prompt="again")
+    db.session.commit()
+    db.session.delete(reload(Message, second.id))
+    db.session.commit()
+    assert answers.finish_many([(second.id, conversation.id, "complete", "lost", None, None, usage)]) == set()
+    assert reload(Message, second.id) is None
+    assert reload(Conversation, conversation.id).active_message_id is None

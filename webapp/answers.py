@@ -20,7 +20,7 @@ from collections import Counter
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import bindparam, delete, insert, or_, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
@@ -296,6 +296,8 @@ def finish_many(items):
                 for message_id, conversation_id, *_ in items]
     if len(items) == 1:  # an answer ending alone (the common case): plain statements, not executemany
         messages, releases = messages[0], releases[0]
+        if db.session.get_bind().dialect.name == "postgresql" and not db.session().in_transaction():
+            return _finish_alone({**messages, **releases}, usage_keys)
     try:
         saved = db.session.execute(_finish_many_statement(usage_keys), messages).rowcount
         db.session.execute(_RELEASE_AT, releases)
@@ -307,6 +309,28 @@ def finish_many(items):
         db.session.rollback()
         raise
     return existing
+
+
+def _finish_alone(params, usage_keys):
+    """PostgreSQL, one answer: its final write and its conversation's release as ONE statement (two
+    data-modifying CTEs) on a connection in autocommit, so the statement is its own transaction, as
+    all-or-nothing as the two UPDATEs between BEGIN and COMMIT, in one round trip instead of four."""
+    try:
+        connection = db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        saved = connection.execute(_finish_alone_statement(usage_keys), params).scalar_one()
+        db.session.commit()  # ends the session's (empty) transaction: the connection goes back to the pool
+    except Exception:
+        db.session.rollback()
+        raise
+    return {params["b_id"]} if saved else set()
+
+
+@functools.cache
+def _finish_alone_statement(usage_keys):
+    saved = _finish_many_statement(usage_keys).returning(MESSAGES.c.id).cte("saved")
+    freed = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message_id=None,
+                                                                updated_at=bindparam("b_now")).cte("freed")
+    return select(func.count()).select_from(saved).add_cte(freed)
 
 
 @functools.cache
