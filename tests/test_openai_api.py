@@ -340,3 +340,18 @@ def test_hostile_json_is_a_400_not_a_500(client, key):
     assert response.get_json()["error"]["param"] == "messages[0].content"
     deep = client.post("/v1/chat/completions", data="[" * 100_000, headers=headers)
     assert deep.status_code == 400 and deep.get_json()["error"]["code"] == "invalid_json"
+
+
+def test_a_finished_answer_is_answered_from_memory_not_read_back(client, key, ollama, monkeypatch):
+    """A non-streaming call whose answer was generated and saved in this process answers with the row
+    as its final write committed it (Live.final), not with a second read of it."""
+    from webapp.service import turns
+    reads = []
+    fresh = turns._fresh_message
+    monkeypatch.setattr(turns, "_fresh_message", lambda message_id: reads.append(message_id) or fresh(message_id))
+    ollama.script(reply="from memory")
+    response = ask(client, key)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["choices"][0]["message"]["content"] == "from memory" and body["usage"]["completion_tokens"] > 0
+    assert reads == []

@@ -362,7 +362,8 @@ def wait_final(message_id, timeout=None):
     deadline = None if timeout is None else time.monotonic() + timeout
     live = generations.get(message_id)
     if live is not None:
-        live.wait_done(timeout)
+        if live.wait_done(timeout) and live.final is not None:
+            return live.final  # saved here: the row as its final write committed it, not read back
         return _fresh_message(message_id)
     for kind, value in follow(message_id):
         if kind == "done":
