@@ -130,3 +130,20 @@ def test_a_new_turn_uses_few_statements(app, alice, ollama, fairness):
     # may split the INSERT in two): nothing else before the model is called.
     assert here <= (6 if fairness == "off" else 9), statements[:here]
     assert db.session.scalar(select(func.count()).select_from(db.Model.metadata.tables["messages"])) == 4
+
+
+def test_a_follower_ends_with_the_answer_not_after_its_gathering_window(app, alice, ollama, monkeypatch):
+    """A follower gathers tokens for COALESCE_SECONDS before sending them on; the answer's end cuts that
+    short (Live.ended), so a stream is never held back once its answer is whole."""
+    import time
+
+    from webapp import service
+    from webapp.service import turns
+    monkeypatch.setattr(turns, "COALESCE_SECONDS", 5.0)
+    ollama.script(reply="one two three four", delay=0.2)
+    turn = service.start_turn(alice, "count")
+    started = time.monotonic()
+    events = list(service.follow(turn.message_id))
+    assert events[-1][0] == "done" and events[-1][1].content == "one two three four"
+    assert [kind for kind, _ in events].count("token") >= 2  # the first token went ahead, then the rest together
+    assert time.monotonic() - started < 4  # the answer's end, not the 5 s window

@@ -247,3 +247,13 @@ def test_stop_while_the_model_is_loading(servers, app, ollama):
     event = ollama.wait_for_event("client_closed", timeout=2.0)
     assert event is not None and event[1] - stopped_at < 1.0
     assert list(events)[-1][1]["status"] == "cancelled"
+
+
+def test_a_burst_of_tokens_sends_the_first_one_at_once(live, ollama):
+    """A model that sends a whole answer at once (a cached prompt, a small fast model): the first token
+    goes out in an event of its own, ahead of the tokens already buffered behind it."""
+    ollama.script(reply=REPLY)  # no delay: all twelve tokens back to back
+    _, events = start_stream(live)
+    tokens = [data["text"] for name, data in events if name == "token"]
+    assert "".join(tokens) == REPLY
+    assert tokens[0] == ollama.chunks_for({**ollama._script})[0]

@@ -73,6 +73,7 @@ class Live:
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
         self.final = None  # the answer's row as its final save committed it (a detached Message)
+        self.ended = threading.Event()  # set with `done`: wakes a follower gathering tokens, not each token
         self._cond = threading.Condition()
 
     def append(self, text):
@@ -95,6 +96,7 @@ class Live:
         with self._cond:
             self.done = True
             self._cond.notify_all()
+        self.ended.set()
 
     def wait(self, seen, timeout):
         """Block until there is text past `seen` characters, the end, or the timeout."""
@@ -431,9 +433,13 @@ class Generation:
     def _stream(self):
         stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options,
                                          abort=self.live.upstream)
+        first = True
         for chunk in stream:  # the watchdog saves the text so far; this loop never waits on the database
             if chunk.text:
                 self.live.append(chunk.text)
+                if first:  # let followers send the first token now, not after the tokens already buffered
+                    first = False
+                    time.sleep(0)
             if chunk.done:
                 self.final = chunk
 
