@@ -61,13 +61,6 @@ _RELEASE_AT = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message
                                                                   updated_at=bindparam("b_now"))
 
 
-@functools.cache
-def _finish_statement(columns):
-    """UPDATE messages SET <columns> WHERE id = :b_message_id, one per set of column names."""
-    return update(MESSAGES).where(MESSAGES.c.id == bindparam("b_message_id")).values(
-        {name: bindparam("b_" + name) for name in columns})
-
-
 def _never_live(message_id):
     return False
 
@@ -256,22 +249,13 @@ def cancel_requested(message_ids):
 # ---- the end ----------------------------------------------------------------------------------------
 
 def finish(message_id, conversation_id, status, text, code=None, error=None, usage=None):
-    """The final write: the answer's outcome and the conversation's busy flag, in one transaction,
-    retried a few times so a database hiccup does not leave the answer 'streaming'. Returns 1 when
-    the answer was saved, 0 when its row is gone (the conversation was deleted), None when every
-    attempt failed."""
-    now = utcnow()
+    """The final write of one answer (finish_many's, alone), retried a few times so a database hiccup
+    does not leave the answer 'streaming'. Returns 1 when the answer was saved, 0 when its row is gone
+    (the conversation was deleted), None when every attempt failed."""
     for attempt in range(1, SAVE_ATTEMPTS + 1):
         try:
-            values = {"content": text, "status": status, "error_code": code, "error": error, "heartbeat_at": now,
-                      **(usage or {})}
-            saved = db.session.execute(_finish_statement(tuple(values)), {
-                "b_message_id": message_id, **{"b_" + name: value for name, value in values.items()}}).rowcount
-            _release(conversation_id, message_id, now)
-            db.session.commit()
-            return saved
+            return int(message_id in finish_many([(message_id, conversation_id, status, text, code, error, usage)]))
         except Exception:
-            db.session.rollback()
             log.exception("saving message %s failed (attempt %d)", message_id, attempt)
             time.sleep(0.5 * attempt)
     return None
@@ -347,13 +331,9 @@ def interrupted(message_id, conversation_id, text):
     return finish(message_id, conversation_id, INTERRUPTED, text, "interrupted", INTERRUPTED_MESSAGE)
 
 
-def _release(conversation_id, message_id, now=None):
-    """Free the conversation for its next turn (and mark it updated `now`, if given)."""
-    params = {"b_conversation_id": conversation_id, "b_message_id": message_id}
-    if now is None:
-        db.session.execute(_RELEASE, params)
-    else:
-        db.session.execute(_RELEASE_AT, {**params, "b_now": now})
+def _release(conversation_id, message_id):
+    """Free the conversation of an answer that did not finish (the final write frees its own: finish_many)."""
+    db.session.execute(_RELEASE, {"b_conversation_id": conversation_id, "b_message_id": message_id})
 
 
 # ---- answers orphaned by a dead worker ---------------------------------------------------------------
