@@ -128,3 +128,33 @@ def test_abort_while_the_model_is_still_loading(backend, ollama):
     assert outcome == ["cancelled"]
     event = ollama.wait_for_event("client_closed", timeout=2)
     assert event is not None and event[1] - aborted_at < 1.0
+
+
+def test_a_chat_goes_straight_through_urllib3(backend, ollama, monkeypatch):
+    """A plain-HTTP model server with no proxy: the chat skips requests' per-call machinery (the session's
+    own urllib3 pool, kept alive as before) and still sends the session's headers (an API key)."""
+    import requests
+
+    def no_requests(*args, **kwargs):
+        raise AssertionError("the chat went through requests.Session.request")
+    monkeypatch.setattr(requests.Session, "request", no_requests)
+    backend.session.headers["Authorization"] = "Bearer sk-test"
+    ollama.script(reply="straight through")
+    assert text_of(backend.chat_stream(MESSAGES, "tinyllama"))[1] == "straight through"
+    sent = ollama.requests[-1]["headers"]
+    assert sent["Authorization"] == "Bearer sk-test" and sent["Content-Type"] == "application/json"
+
+
+def test_a_proxied_or_tls_model_server_is_left_to_requests(ollama, monkeypatch):
+    """With a proxy configured for the model server's address, the chat goes through it, as requests
+    sends it (here a closed port: unreachable); TLS is requests' to set up too."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    proxied = llm.OllamaClient(ollama.url)
+    with pytest.raises(llm.LLMUnreachable):
+        list(proxied.chat_stream(MESSAGES, "tinyllama"))
+    assert not ollama.chat_requests  # it never reached the server directly
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert text_of(llm.OllamaClient(ollama.url).chat_stream(MESSAGES, "tinyllama"))[1]
+    assert llm.OllamaClient("https://ollama.example")._direct is None
