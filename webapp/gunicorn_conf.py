@@ -13,7 +13,6 @@ at import and waits cooperatively (psycopg >= 3.1.14), and requests/urllib3 use 
 Keep `preload_app` off for the same reason.
 """
 import os
-import socket
 import time
 
 # One tag per server start, inherited by every worker: a debug server without SECRET_KEY shares one
@@ -26,11 +25,6 @@ worker_class = "gevent"
 # Connections (open streams included) one worker serves at once; past that it stops accepting and
 # the kernel queues them. Each costs a greenlet and a socket, no thread and no database connection.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "2000"))
-# A listening socket per worker (SO_REUSEPORT; gunicorn then opens none in the master): the kernel
-# spreads new connections across the workers. With one shared socket, the worker whose event loop
-# woke first took them all: 16 keep-alive clients landed [16, 0] on two workers in 2 of 5 tries,
-# and the app had one core (174-230 turns/s against ~295 when split).
-reuse_port = True
 preload_app = False     # see above: the app must be imported after the worker's monkey-patching
 timeout = 60            # worker heartbeat (the event loop must turn at least this often), not request length
 graceful_timeout = 30
@@ -41,20 +35,6 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 # default) and mark the request HTTPS. The app decides that alone (webapp/https.py: TRUSTED_PROXIES
 # from TRUSTED_PROXY_NETWORKS), so gunicorn believes no scheme header from anyone.
 secure_scheme_headers = {}
-
-
-def on_starting(server):
-    """With reuse_port, a second server started on a port already served (`make run` twice) would
-    silently share it, each answering some connections; refuse to start instead, as without it."""
-    for address in server.cfg.address:
-        if isinstance(address, tuple):
-            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
-                try:
-                    probe.bind(address)
-                except OSError as exc:
-                    raise SystemExit(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
 
 
 def _app(worker):
