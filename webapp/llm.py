@@ -8,6 +8,7 @@ Two backends speak the same interface and raise the same typed errors:
 This module knows nothing of Flask requests or the database: the chat service feeds it plain
 lists of {"role", "content"} dicts and reads back `Chunk`s.
 """
+import contextlib
 import json
 import logging
 import socket
@@ -249,20 +250,26 @@ class _HTTPBackend:
         self._direct = _direct_pool(self.session, adapter, self.base_url)
         self._base_path = urllib3.util.parse_url(self.base_url).path or ""
 
-    def _request(self, method, path, *, timeout=None, abort=None, **kwargs):
-        url = self.base_url + path
+    @contextlib.contextmanager
+    def _calling(self, path, abort, errors, typed):
+        """Around one request to the model server: `abort` tracks its connection, and a failure
+        (one of `errors`) becomes `typed(exc)`, or Cancelled when it was stopped on purpose."""
         _tracking.abort = abort
         try:
-            return self.session.request(method, url, timeout=timeout or (self.connect_timeout, self.read_timeout),
-                                        **kwargs)
-        except requests.RequestException as exc:
+            yield
+        except errors as exc:
             if abort is not None and abort.requested:
                 raise Cancelled("stopped") from None
             # The URL goes to the operator's log, not to clients: the LLM's address is configuration.
             log.warning("LLM request to %s%s failed: %s", self.base_url, path, exc)
-            raise _request_error(exc) from exc
+            raise typed(exc) from exc
         finally:
             _tracking.abort = None
+
+    def _request(self, method, path, *, timeout=None, abort=None, **kwargs):
+        with self._calling(path, abort, requests.RequestException, _request_error):
+            return self.session.request(method, self.base_url + path,
+                                        timeout=timeout or (self.connect_timeout, self.read_timeout), **kwargs)
 
     def _json(self, response):
         try:
@@ -285,20 +292,12 @@ class _HTTPBackend:
         """The chat POST straight through the session's own urllib3 pool (the same kept-alive
         connections and Abort tracking): requests' per-call work (preparing the request, hooks,
         cookies, its Response) was half of a short answer's client time (0.99 ms against 0.47)."""
-        _tracking.abort = abort
-        try:
+        with self._calling(path, abort, (urllib3.exceptions.HTTPError, OSError), _direct_error):
             return _DirectResponse(self._direct().urlopen(
                 "POST", self._base_path + path, body=json.dumps(body).encode(),
                 headers={**self.session.headers, "Content-Type": "application/json"},
                 timeout=urllib3.Timeout(connect=self.connect_timeout, read=self.load_timeout),
                 preload_content=False, retries=False, redirect=False))
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if abort is not None and abort.requested:
-                raise Cancelled("stopped") from None
-            log.warning("LLM request to %s%s failed: %s", self.base_url, path, exc)
-            raise _direct_error(exc) from exc
-        finally:
-            _tracking.abort = None
 
     def _status_error(self, response, model):
         # Ollama says {"error": "text"}; OpenAI-compatible servers {"error": {"message": "text"}}.
