@@ -73,7 +73,7 @@ class Live:
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
         self.final = None  # the answer's row as its final save committed it (a detached Message)
-        self.ended = threading.Event()  # set with `done`: wakes a follower gathering tokens, not each token
+        self._ended = threading.Event()  # set with `done`: what wait_done waits on, not woken by each token
         self._cond = threading.Condition()
 
     def append(self, text):
@@ -96,7 +96,7 @@ class Live:
         with self._cond:
             self.done = True
             self._cond.notify_all()
-        self.ended.set()
+        self._ended.set()
 
     def wait(self, seen, timeout):
         """Block until there is text past `seen` characters, the end, or the timeout."""
@@ -104,9 +104,8 @@ class Live:
             self._cond.wait_for(lambda: len(self.text) > seen or self.done, timeout)
 
     def wait_done(self, timeout):
-        """Block until the end (or the timeout), not woken by each token."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self.done, timeout)
+        """Block until the end (or the timeout), not woken by each token (the condition is); True if ended."""
+        return self._ended.wait(timeout)
 
     def abort(self, interrupted=False):
         self.interrupted = self.interrupted or interrupted
