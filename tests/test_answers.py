@@ -120,6 +120,38 @@ def test_stop_requests_and_deleted_answers_are_both_cancelled(app, conversation)
     assert answers.cancel_requested([answer.id, 999_999]) == [answer.id, 999_999]  # the missing one was deleted
 
 
+def test_a_heartbeat_skips_rows_another_transaction_holds_instead_of_waiting(app, conversation, database_url):
+    """The watchdog's heartbeat must not wait on a row a flush or a batch of final saves holds: they
+    lock rows in id order and the heartbeat's UPDATE ... IN in table order, and waiting deadlocked
+    (PostgreSQL killed the heartbeat with 150 answers ending together). It beats the rows it can."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time: no row locks to skip")
+    import psycopg
+
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, utcnow
+    other = Conversation(user_id=1, title="other", model="tinyllama", system_prompt="", message_count=0)
+    db.session.add(other)
+    db.session.commit()
+    opened = []
+    for row in (conversation, other):
+        _, answer = answers.open_answer(reload(Conversation, row.id), "tinyllama", None, prompt="hi")
+        db.session.commit()
+        opened.append(answer.id)
+    held, free = opened
+    old = utcnow() - timedelta(minutes=5)
+    db.session.execute(Message.__table__.update().values(heartbeat_at=old))
+    db.session.commit()
+    plain = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain) as holder:   # another transaction holds one answer's row
+        holder.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE", (held,))
+        db.session.connection().exec_driver_sql("SET LOCAL statement_timeout = '2s'")  # a wait fails
+        answers.beat([held, free])
+    beaten = {message_id: reload(Message, message_id).heartbeat_at for message_id in opened}
+    assert beaten[free] > old and beaten[held] == old, beaten
+
+
 def test_finish_many_saves_answers_ending_together_in_one_transaction(app, conversation):
     """The group commit of answers ending together (generation._Finisher): every answer saved with
     its own outcome and its conversation freed; an answer whose row is gone reports 0."""

@@ -225,9 +225,15 @@ def flush(texts):
 
 
 def beat(message_ids):
-    """The generating worker is alive: one statement for all its answers."""
-    db.session.execute(update(MESSAGES).where(MESSAGES.c.id.in_(message_ids), MESSAGES.c.status.in_(ACTIVE_STATUSES))
-                       .values(heartbeat_at=utcnow()))
+    """The generating worker is alive: one statement for all its answers.
+
+    Rows another transaction holds are skipped, not waited for. Those are being flushed or saved
+    (both write the heartbeat themselves) or flagged for Stop, and waiting could deadlock: an
+    UPDATE ... IN locks rows in the table's physical order, a flush or a batch of final saves in id
+    order (seen with 150 answers ending together: PostgreSQL killed the heartbeat)."""
+    free = (select(MESSAGES.c.id).where(MESSAGES.c.id.in_(message_ids), MESSAGES.c.status.in_(ACTIVE_STATUSES))
+            .with_for_update(skip_locked=True))
+    db.session.execute(update(MESSAGES).where(MESSAGES.c.id.in_(free.scalar_subquery())).values(heartbeat_at=utcnow()))
     db.session.commit()
 
 
