@@ -547,6 +547,9 @@ async def throughput(client, database, seconds, repeats, out, concurrency=16):
         out.append(f"| {kind} | **{statistics.median(r[0] for r in rs):.0f}** | "
                    f"{ms(statistics.median(r[1] for r in rs if r[1]))} | "
                    f"{ms(statistics.median(r[2] for r in rs if r[2]))} | {sum(r[3] for r in rs)} |")
+    out.append("")
+    out.append("Each repeat, turns/s: " + "; ".join(
+        f"{kind} " + ", ".join(f"{r[0]:.0f}" for r in results[kind]) for kind in ("app", "direct")) + ".")
     answered = sum(r[4] for r in results["app"])
     ok = counts.get("user", 0) == answered and counts.get("assistant", 0) == answered
     out.append("")

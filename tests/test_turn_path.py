@@ -113,3 +113,52 @@ def test_a_request_killed_mid_answer_saves_the_answer_as_interrupted(app, user, 
         db.session.expire_all()
         assert db.session.get(Conversation, turn.conversation_id).active_message_id is None  # free for a retry
         assert not app.extensions["generations"].ids()
+
+
+def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, ollama, database_url):
+    """With nothing to run before it (no per-person limits, no Idempotency-Key) and no queue in front of
+    the model (each queued answer's admission has statements of its own), a turn that starts a
+    conversation, on PostgreSQL, costs three statements and no BEGIN/COMMIT: the token check, ONE
+    statement writing the conversation (claimed by its answer), the prompt and the answer
+    (answers.open_in_new_conversation), and the final save. Every row is as the general path writes
+    it, and the conversation is free again after."""
+    from sqlalchemy import event
+
+    from helpers import login_token, make_user
+    app = make_app(USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0, LLM_MAX_PARALLEL=0)
+    make_user(app)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
+    ollama.script(reply=REPLY)
+    from webapp.extensions import db
+    with app.app_context():
+        engine = db.engine
+    statements = []
+
+    def record(connection, cursor, statement, *args):
+        statements.append(statement.split(None, 1)[0].upper())
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = client.post("/chat/", json={"prompt": "  привет, world  "}, headers=auth)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    postgres = database_url.startswith("postgresql")
+    if postgres:  # SELECT (token), WITH ... (the opening), WITH ... (the final save); no BEGIN or COMMIT
+        assert statements == ["SELECT", "WITH", "WITH"], statements
+    from webapp.models import Conversation, Message
+    with app.app_context():
+        conversation = db.session.get(Conversation, body["conversation_id"])
+        rows = db.session.scalars(select(Message).where(Message.conversation_id == conversation.id)
+                                  .order_by(Message.id)).all()
+        assert (conversation.title, conversation.message_count, conversation.active_message_id,
+                conversation.model, conversation.source) == ("привет, world", 2, None, "tinyllama", "web")
+        assert [(m.id, m.role, m.content, m.status, m.model) for m in rows] == [
+            (body["user_message_id"], "user", "  привет, world  ", "complete", None),
+            (body["message_id"], "assistant", REPLY, "complete", "tinyllama")]
+        assert rows[0].request_id == rows[1].request_id == body["request_id"]
+        assert rows[1].heartbeat_at is not None and rows[0].heartbeat_at is None
+        assert rows[0].created_at == rows[1].created_at >= conversation.created_at
+    second = client.post("/chat/", json={"prompt": "again", "conversation_id": body["conversation_id"]}, headers=auth)
+    assert second.status_code == 200 and second.get_json()["response"] == REPLY

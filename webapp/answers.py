@@ -20,11 +20,11 @@ from collections import Counter
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, delete, false, func, insert, literal, null, or_, select, text, union_all, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
-from .extensions import db
+from .extensions import db, execute_alone
 from .models import (
     ACTIVE_STATUSES,
     COMPLETE,
@@ -110,6 +110,68 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
             break
     raise ServiceError(409, "conversation_busy", "an answer is already being generated in this conversation; "
                                                  "wait for it or stop it first")
+
+
+def open_in_new_conversation(values, model, request_id, prompt, queued=False):
+    """A turn that starts a conversation, on PostgreSQL with no transaction open and nothing to run
+    before it (no per-person limits, no Idempotency-Key): the conversation, the prompt and the answer
+    written and the conversation claimed in ONE statement on a connection in autocommit, so it is
+    its own transaction (all or nothing, as open_answer's BEGIN ... COMMIT) in one round trip instead
+    of five. A new conversation cannot be busy, so the claim is simply its active_message_id.
+    `values`: the conversation's columns (service.conversations.conversation_values). Returns
+    (conversation, prompt_message, answer) copies as open_answer does, or None where this does not
+    apply: the caller takes the general path."""
+    now = values["created_at"]
+    rows = [_row(None, "user", prompt, COMPLETE, None, request_id, None, now),
+            _row(None, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now)]
+    params = {**{"c_" + name: values[name] for name in _NEW_CONVERSATION_COLUMNS},
+              "p_content": rows[0]["content"], "a_status": rows[1]["status"], "a_model": model,
+              "b_request_id": request_id, "b_now": now}
+    rows_written = execute_alone(_OPEN_NEW, params)
+    if rows_written is None:
+        return None
+    (conversation_id, prompt_id, answer_id), = rows_written
+    conversation = Conversation(id=conversation_id, **{**values, "message_count": len(rows),
+                                                       "active_message_id": answer_id})
+    prompt_row, answer_row = ({**row, "conversation_id": conversation_id} for row in rows)
+    return conversation, Message(id=prompt_id, **prompt_row), Message(id=answer_id, **answer_row)
+
+
+def _open_new_statement():
+    """open_in_new_conversation's statement: the conversation's id drawn first (nextval), so the
+    messages can point at it and it at its answer within one statement (the messages' foreign key
+    is checked at the statement's end); the rows go in ordered, prompt before answer, as
+    SQLAlchemy's own ordered multi-row INSERT relies on."""
+    m, c = MESSAGES.c, CONVERSATIONS.c
+    new_id = select(func.nextval(func.pg_get_serial_sequence("conversations", "id")).label("id")).cte("new_id")
+
+    def message(order, role, content, status, model, heartbeat_at):
+        values = {"conversation_id": new_id.c.id, "role": literal(role, m.role.type), "content": content,
+                  "status": status, "model": model, "request_id": bindparam("b_request_id", type_=m.request_id.type),
+                  "heartbeat_at": heartbeat_at, "created_at": bindparam("b_now", type_=m.created_at.type),
+                  "cancel_requested": false()}
+        # Every column labelled: unlabelled, SQLAlchemy would take the two NULLs for one column.
+        return select(literal(order).label("ord"), *(value.label(name) for name, value in values.items()))
+    both = union_all(
+        message(0, "user", bindparam("p_content", type_=m.content.type), literal(COMPLETE, m.status.type),
+                null(), null()),
+        message(1, "assistant", literal("", m.content.type), bindparam("a_status", type_=m.status.type),
+                bindparam("a_model", type_=m.model.type), bindparam("b_now", type_=m.heartbeat_at.type))).subquery()
+    columns = [m.conversation_id, m.role, m.content, m.status, m.model, m.request_id, m.heartbeat_at, m.created_at,
+               m.cancel_requested]
+    added = insert(MESSAGES).from_select(columns, select(*list(both.c)[1:]).order_by(both.c.ord)).returning(
+        m.id).cte("added")
+    names = _NEW_CONVERSATION_COLUMNS
+    conversation = insert(CONVERSATIONS).from_select(
+        [c.id, c.message_count, c.active_message_id, *(c[name] for name in names)],
+        select(new_id.c.id, literal(2), select(func.max(added.c.id)).scalar_subquery(),
+               *(bindparam("c_" + name, type_=c[name].type) for name in names))).cte("conversation")
+    return select(new_id.c.id, select(func.min(added.c.id)).scalar_subquery(),
+                  select(func.max(added.c.id)).scalar_subquery()).add_cte(conversation)
+
+
+_NEW_CONVERSATION_COLUMNS = ("user_id", "title", "model", "system_prompt", "source", "created_at", "updated_at")
+_OPEN_NEW = _open_new_statement()
 
 
 def _row(conversation_id, role, content, status, model, request_id, heartbeat_at, now):
@@ -286,8 +348,9 @@ def finish_many(items):
                 for message_id, conversation_id, *_ in items]
     if len(items) == 1:  # an answer ending alone (the common case): plain statements, not executemany
         messages, releases = messages[0], releases[0]
-        if db.session.get_bind().dialect.name == "postgresql" and not db.session().in_transaction():
-            return _finish_alone({**messages, **releases}, usage_keys)
+        saved = _finish_alone({**messages, **releases}, usage_keys)
+        if saved is not None:
+            return saved
     try:
         saved = db.session.execute(_finish_many_statement(usage_keys), messages).rowcount
         db.session.execute(_RELEASE_AT, releases)
@@ -305,13 +368,10 @@ def _finish_alone(params, usage_keys):
     """PostgreSQL, one answer: its final write and its conversation's release as ONE statement (two
     data-modifying CTEs) on a connection in autocommit, so the statement is its own transaction, as
     all-or-nothing as the two UPDATEs between BEGIN and COMMIT, in one round trip instead of four."""
-    try:
-        connection = db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        saved = connection.execute(_finish_alone_statement(usage_keys), params).scalar_one()
-        db.session.commit()  # ends the session's (empty) transaction: the connection goes back to the pool
-    except Exception:
-        db.session.rollback()
-        raise
+    rows = execute_alone(_finish_alone_statement(usage_keys), params)
+    if rows is None:
+        return None
+    (saved,), = rows
     return {params["b_id"]} if saved else set()
 
 

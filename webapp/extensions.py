@@ -23,3 +23,28 @@ login_manager = LoginManager()
 csrf = CSRFProtect()
 htmx = Htmx()
 llm_service = LLMService()
+
+
+def execute_alone(statement, params):
+    """PostgreSQL, with no transaction open in the session: run ONE statement on a pooled connection
+    in autocommit, so it is its own transaction (a single statement is all or nothing anyway) and
+    costs one round trip, without BEGIN and COMMIT around it. It goes around the session (whose
+    bookkeeping costs more than the statement) and holds the connection only for the statement.
+    Returns the rows, fetched; None where this does not apply (SQLite, or a transaction already open
+    in the session): the caller runs the statement the usual way."""
+    session = db.session
+    if session().in_transaction():
+        return None
+    engine = db.engine
+    if engine.dialect.name != "postgresql":
+        return None
+    with _autocommit(engine).connect() as connection:
+        return connection.execute(statement, params).all()
+
+
+def _autocommit(engine):
+    """The engine's view whose connections run in autocommit (same pool; reset when given back)."""
+    view = engine.__dict__.get("_webapp_autocommit")
+    if view is None:
+        view = engine.__dict__["_webapp_autocommit"] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return view

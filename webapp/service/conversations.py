@@ -32,13 +32,18 @@ def get_conversation(user, conversation_id):
 _INSERT_CONVERSATION = insert(Conversation.__table__).returning(Conversation.__table__.c.id)
 
 
+def conversation_values(user, title=None, model=None, system_prompt="", source=SOURCE_WEB):
+    """A new conversation's columns, as create_conversation (or a turn's one-statement start) writes them."""
+    now = utcnow()
+    return {"user_id": user.id, "title": stored_text(title or "New chat"), "message_count": 0,
+            "model": model or current_app.config["DEFAULT_MODEL"], "system_prompt": stored_text(system_prompt or ""),
+            "active_message_id": None, "source": source, "created_at": now, "updated_at": now}
+
+
 def create_conversation(user, title=None, model=None, system_prompt="", commit=True, source=SOURCE_WEB):
     """One Core INSERT (a turn's first statement after the token check: the ORM's unit of work costs
     more than the statement); returns a copy of the row as written, not tracked by the session."""
-    now = utcnow()
-    values = {"user_id": user.id, "title": stored_text(title or "New chat"), "message_count": 0,
-              "model": model or current_app.config["DEFAULT_MODEL"], "system_prompt": stored_text(system_prompt or ""),
-              "active_message_id": None, "source": source, "created_at": now, "updated_at": now}
+    values = conversation_values(user, title, model, system_prompt, source)
     conversation_id = db.session.execute(_INSERT_CONVERSATION, values).scalar_one()
     if commit:
         db.session.commit()

@@ -47,12 +47,17 @@ def _key(user_id):
     return hashlib.sha256(f"answers-started:{user_id}".encode()).hexdigest()
 
 
+def needs_guard(user):
+    """Whether take_turn has anything to do for this person (a limit is on)."""
+    return any(limits_of(user))
+
+
 def take_turn(user):
     """In the caller's transaction, before the answer row is added: refuse with 429 (and a
     Retry-After) if this person is over a limit, else count the start. Three statements (the lock,
     one SELECT, the INSERT of the start); none when both limits are off."""
     max_running, per_minute = limits_of(user)
-    if not max_running and not per_minute:
+    if not max_running and not per_minute:  # needs_guard
         return
     answers.lock(USER_LOCK, user.id)
     now, key = time.time(), _key(user.id)

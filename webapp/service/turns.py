@@ -14,8 +14,8 @@ from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
 from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message
 from . import idempotency
-from .conversations import create_conversation, free_if_orphaned, get_conversation, request_stop
-from .fairness import take_turn
+from .conversations import conversation_values, create_conversation, free_if_orphaned, get_conversation, request_stop
+from .fairness import needs_guard, take_turn
 from .validation import check_model, check_options, clean_prompt, title_from
 
 COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
@@ -63,6 +63,11 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     options = check_options(options)
 
     def start(claim):
+        if conversation_id is None and claim is None and not needs_guard(user):
+            values = conversation_values(user, title_from(prompt), model)
+            opened = answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on())
+            if opened is not None:
+                return _launch(*opened, options, [], run_here=run_here)
         if conversation_id is None:
             conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
             history = []  # a new conversation has nothing before this prompt
