@@ -2,6 +2,7 @@
 ignored or refused (one test per row of the README's table), OpenAI's error shape and statuses, and
 how calls are stored (a conversation marked "api"; only the messages not stored already)."""
 import json
+import threading
 
 import pytest
 
@@ -355,3 +356,44 @@ def test_a_finished_answer_is_answered_from_memory_not_read_back(client, key, ol
     body = response.get_json()
     assert body["choices"][0]["message"]["content"] == "from memory" and body["usage"]["completion_tokens"] > 0
     assert reads == []
+
+
+REPLY = "Short."
+
+
+def test_a_call_that_starts_a_conversation_opens_it_in_one_statement(make_app, ollama):
+    """/v1 with an API key, no per-person limits and no queue, on PostgreSQL: the request runs the key
+    check and ONE statement opening the conversation (system prompt kept as the conversation's), each
+    its own transaction (the answer is saved by its generation). The key's last use is written once
+    a minute, alone too."""
+    from sqlalchemy import event
+
+    from webapp.extensions import db
+
+    from helpers import login_token, make_user
+    ollama.script(reply=REPLY)
+    app = make_app(USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0, LLM_MAX_PARALLEL=0)
+    make_user(app)
+    client = app.test_client()
+    key = {"Authorization": "Bearer " + client.post("/auth/keys", json={"name": "t"}, headers={
+        "Authorization": f"Bearer {login_token(client)}"}).get_json()["key"]}
+    with app.app_context():
+        engine = db.engine
+    postgres = engine.dialect.name == "postgresql"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    for expected in (["SELECT", "UPDATE", "WITH"], ["SELECT", "WITH"]):
+        statements, me = [], threading.get_ident()
+
+        def record(connection, cursor, statement, *args):
+            if threading.get_ident() == me:  # not the watchdog's or the orphan sweeper's
+                statements.append(statement.split(None, 1)[0].upper())
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            response = client.post(URL, json={"model": "tinyllama", "messages": messages}, headers=key)
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert response.status_code == 200, response.get_json()
+        if postgres:
+            assert statements == expected
+    assert conversations(app) == [("api", "Be brief.", [("user", "hello", "complete"),
+                                                        ("assistant", REPLY, "complete")])] * 2

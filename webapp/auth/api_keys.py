@@ -16,10 +16,10 @@ import secrets
 from datetime import timedelta
 
 from flask import g
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from ..errors import ServiceError, invalid, not_found
-from ..extensions import db
+from ..extensions import db, execute_alone
 from ..limits import API_KEY_DAYS_MAX, API_KEY_NAME_MAX
 from ..models import ApiKey, User, utcnow
 from ..service.validation import clean_text
@@ -103,22 +103,37 @@ def revoke_by_value(key, user_id=None):
 
 
 def verify(key):
-    """The active owner of the key, or InvalidKey saying why not. Writes last_used_at at most once a minute."""
-    row = db.session.execute(select(ApiKey, User).join(User, User.id == ApiKey.user_id)
-                             .where(ApiKey.key_hash == _hash(key))).first()
-    if row is None:
+    """The active owner of the key, or InvalidKey saying why not. Writes last_used_at at most once a
+    minute. Core, alone (PostgreSQL: no BEGIN; see tokens.verify): the User returned is a plain copy
+    of the row, not tracked by the session."""
+    params = {"b_key_hash": _hash(key)}
+    rows = execute_alone(_VERIFY, params)
+    if rows is None:
+        rows = db.session.execute(_VERIFY, params).all()
+    if not rows:
         raise InvalidKey("API key is invalid")
-    record, user = row
+    values = rows[0]._asdict()
+    record = {name: values.pop("key_" + name) for name in _KEY_FIELDS}
     now = utcnow()
-    if record.revoked_at is not None:
+    if record["revoked_at"] is not None:
         raise InvalidKey("API key was revoked")
-    if record.expires_at is not None and record.expires_at <= now:
+    if record["expires_at"] is not None and record["expires_at"] <= now:
         raise InvalidKey("API key has expired")
-    if not user.is_active:
+    if not values["is_active"]:
         raise InvalidKey("API key is no longer valid")
-    if record.last_used_at is None or now - record.last_used_at >= TOUCH_EVERY:
-        db.session.execute(update(ApiKey).where(ApiKey.id == record.id).values(last_used_at=now))
-        db.session.commit()
-    g.auth_key_id = record.id  # what an open stream re-checks (webapp/stream_auth.py)
-    g.api_key_limits = (record.max_running, record.max_per_minute)  # see service/fairness.limits_of
-    return user
+    if record["last_used_at"] is None or now - record["last_used_at"] >= TOUCH_EVERY:
+        touch = {"b_id": record["id"], "b_now": now}
+        if execute_alone(_TOUCH, touch) is None:
+            db.session.execute(_TOUCH, touch)
+            db.session.commit()
+    g.auth_key_id = record["id"]  # what an open stream re-checks (webapp/stream_auth.py)
+    g.api_key_limits = (record["max_running"], record["max_per_minute"])  # see service/fairness.limits_of
+    return User(**values)
+
+
+_KEYS, _USERS = ApiKey.__table__, User.__table__
+_KEY_FIELDS = ("id", "revoked_at", "expires_at", "last_used_at", "max_running", "max_per_minute")
+_VERIFY = (select(_USERS, *(_KEYS.c[name].label("key_" + name) for name in _KEY_FIELDS))
+           .join(_USERS, _USERS.c.id == _KEYS.c.user_id).where(_KEYS.c.key_hash == bindparam("b_key_hash")))
+_TOUCH = update(_KEYS).where(_KEYS.c.id == bindparam("b_id")).values(last_used_at=bindparam("b_now")).returning(
+    _KEYS.c.id)

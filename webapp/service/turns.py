@@ -179,9 +179,14 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
             system = messages[0]["content"] if messages[0]["role"] == "system" and len(messages) > 1 else ""
             if len(system) > SYSTEM_PROMPT_MAX:
                 system = ""  # too long for the conversation's system prompt: stored as a message instead
+            stored = 1 if system else 0
+            if stored == len(messages) - 1 and claim is None and not needs_guard(user):  # nothing but the prompt
+                values = conversation_values(user, title_from(prompt), model, system, SOURCE_API)
+                opened = answers.open_in_new_conversation(values, model, request_id, prompt, queued=_queue_on())
+                if opened is not None:
+                    return _launch(*opened, options, None, context=list(messages))
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
                                                commit=False, source=SOURCE_API)
-            stored = 1 if system else 0
         # The messages past the stored ones go in with the prompt, in each of open_answer's attempts:
         # added here, a retry after freeing an orphaned answer (its rollback) would lose them.
         earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
