@@ -381,12 +381,13 @@ def test_a_call_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
         engine = db.engine
     postgres = engine.dialect.name == "postgresql"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-    for expected in (["SELECT", "UPDATE", "WITH"], ["SELECT", "WITH"]):
-        statements, me = [], threading.get_ident()
+    statements, me = [], threading.get_ident()
 
-        def record(connection, cursor, statement, *args):
-            if threading.get_ident() == me:  # not the watchdog's or the orphan sweeper's
-                statements.append(statement.split(None, 1)[0].upper())
+    def record(connection, cursor, statement, *args):
+        if threading.get_ident() == me:  # not the watchdog's or the orphan sweeper's
+            statements.append(statement.split(None, 1)[0].upper())
+    for expected in (["SELECT", "UPDATE", "WITH"], ["SELECT", "WITH"]):
+        statements.clear()
         event.listen(engine, "before_cursor_execute", record)
         try:
             response = client.post(URL, json={"model": "tinyllama", "messages": messages}, headers=key)
