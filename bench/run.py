@@ -884,8 +884,7 @@ def main():
         load = (f"import importlib; c = importlib.import_module({GUNICORN_CONFIG[7:]!r}).__dict__"
                 if GUNICORN_CONFIG.startswith("python:") else f"import runpy; c = runpy.run_path({GUNICORN_CONFIG!r})")
         worker_class = subprocess.run(
-            [PY, "-c", load + "; print(getattr(c['worker_class'], '__name__', c['worker_class']), "
-                              "'threads', c.get('threads', 1), "
+            [PY, "-c", load + "; print(c['worker_class'], 'threads', c.get('threads', 1), "
                               "'worker_connections', c.get('worker_connections', '-'))"],
             cwd=ROOT, capture_output=True, text=True, env=app.env).stdout.strip()
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -100,42 +100,9 @@ class HealthProbe:
 def test_workers_are_gevent_with_cooperative_database_waits(servers):
     server = servers()
     log = server.log_text()
-    assert re.search(r"Using worker: .*BalancedGeventWorker", log), log
+    assert "Using worker: gevent" in log
     assert re.search(r"worker \d+: gevent, cooperative waits \(psycopg wait_(poll|select|selector)\)", log), log
     assert "BUT" not in log
-
-
-def established(pid, port):
-    """Connections to the server's port that worker `pid` holds open."""
-    import psutil
-    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
-               if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
-
-
-def test_keep_alive_connections_opened_at_once_are_split_evenly_across_workers(servers):
-    """16 keep-alive clients connecting at once (wrk, a proxy's pool) end up 8 and 8, not wherever the
-    first woken worker took them: a worker holding more leaves the connection to the other
-    (webapp/accept_balance.py). Plain gevent workers gave splits like [6, 10] and [2, 14]."""
-    server = servers(workers=2)
-    workers = worker_pids(server)
-    for pid in workers:     # both workers have loaded the app and joined the board
-        deadline = time.monotonic() + 30
-        while not re.search(rf"worker {pid}: gevent", server.log_text()):
-            assert time.monotonic() < deadline, server.log_text()
-            time.sleep(0.1)
-    for _ in range(3):
-        clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(16)]
-        try:
-            for client in clients:
-                client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-            for client in clients:
-                assert client.recv(65536).startswith(b"HTTP/1.1 200")
-            split = sorted(established(pid, server.port) for pid in workers)
-            assert sum(split) == 16 and split[1] - split[0] <= 2, split
-        finally:
-            for client in clients:
-                client.close()
-        time.sleep(0.3)     # the workers see the closes
 
 
 def test_consecutive_turns_reuse_one_connection_to_the_model(servers, ollama):

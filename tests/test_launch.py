@@ -40,8 +40,7 @@ def test_make_run_serves_with_gevent_workers_and_a_master_free_of_the_app():
     assert printed.returncode == 0, printed.stderr
     import re
     settings = dict(re.findall(r"^(\w+)\s+= (.*)$", printed.stdout, re.M))
-    # gunicorn's gevent worker, accepting least-connections first (webapp/accept_balance.py)
-    assert "BalancedGeventWorker" in settings["worker_class"] and settings["preload_app"] == "False"
+    assert settings["worker_class"] == "gevent" and settings["preload_app"] == "False"
     assert int(settings["worker_connections"]) >= 1000
     config_file = command[command.index("-c") + 1]
     check = ("import runpy, sys; runpy.run_path(sys.argv[1]); "

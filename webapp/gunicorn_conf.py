@@ -12,21 +12,8 @@ worker does it in init_process) and only then loads the app, so psycopg sees the
 at import and waits cooperatively (psycopg >= 3.1.14), and requests/urllib3 use gevent sockets.
 Keep `preload_app` off for the same reason.
 """
-import importlib.util
 import os
 import time
-from pathlib import Path
-
-
-def _load_beside(name):
-    """A module next to this file, loaded by path like this file (so the master imports no app)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-accept_balance = _load_beside("accept_balance")
 
 # One tag per server start, inherited by every worker: a debug server without SECRET_KEY shares one
 # random key among its workers and makes a new one on the next start (webapp/devkey.py).
@@ -34,9 +21,7 @@ os.environ["WEBAPP_SERVER_START"] = f"{os.getpid()}-{time.time_ns()}"
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# gunicorn's gevent worker, accepting least-connections first (webapp/accept_balance.py): keep-alive
-# clients stay on the worker that took them, so who takes them matters.
-worker_class = accept_balance.BalancedGeventWorker
+worker_class = "gevent"
 # Connections (open streams included) one worker serves at once; past that it stops accepting and
 # the kernel queues them. Each costs a greenlet and a socket, no thread and no database connection.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "2000"))
@@ -57,17 +42,8 @@ def _app(worker):
     return app if app is not None and hasattr(app, "config") else None
 
 
-def pre_fork(server, worker):
-    accept_balance.assign_slot(server, worker)
-
-
-def child_exit(server, worker):
-    accept_balance.release_slot(worker)     # crashed or killed workers too
-
-
 def worker_exit(server, worker):
     """A worker leaving (deploy, restart, max requests) saves its running answers as 'interrupted'."""
-    accept_balance.release_slot(worker)
     app = _app(worker)
     if app is not None:
         from webapp.generation import generations
