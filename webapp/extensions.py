@@ -42,6 +42,12 @@ def execute_alone(statement, params):
         return connection.execute(statement, params).all()
 
 
+def execute_read(statement, params):
+    """A read's rows: alone where it can be (execute_alone), else in the session's transaction."""
+    rows = execute_alone(statement, params)
+    return db.session.execute(statement, params).all() if rows is None else rows
+
+
 def _autocommit(engine):
     """The engine's view whose connections run in autocommit (same pool; reset when given back)."""
     view = engine.__dict__.get("_webapp_autocommit")

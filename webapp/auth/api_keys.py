@@ -19,7 +19,7 @@ from flask import g
 from sqlalchemy import bindparam, select, update
 
 from ..errors import ServiceError, invalid, not_found
-from ..extensions import db, execute_alone
+from ..extensions import db, execute_alone, execute_read
 from ..limits import API_KEY_DAYS_MAX, API_KEY_NAME_MAX
 from ..models import ApiKey, User, utcnow
 from ..service.validation import clean_text
@@ -107,9 +107,7 @@ def verify(key):
     minute. Core, alone (PostgreSQL: no BEGIN; see tokens.verify): the User returned is a plain copy
     of the row, not tracked by the session."""
     params = {"b_key_hash": _hash(key)}
-    rows = execute_alone(_VERIFY, params)
-    if rows is None:
-        rows = db.session.execute(_VERIFY, params).all()
+    rows = execute_read(_VERIFY, params)
     if not rows:
         raise InvalidKey("API key is invalid")
     values = rows[0]._asdict()

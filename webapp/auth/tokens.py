@@ -14,7 +14,7 @@ from flask import current_app, g
 from sqlalchemy import and_, bindparam, delete, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..extensions import db, execute_alone
+from ..extensions import db, execute_read
 from ..limits import MAX_ID
 from ..models import RevokedToken, User, utcnow
 
@@ -61,9 +61,7 @@ def verify(token):
     params = {"b_user_id": int(claims["sub"]), "b_jti": claims["jti"]}
     # Alone (PostgreSQL): no BEGIN before it. A turn that starts a conversation then needs no
     # transaction of its own either (answers.open_in_new_conversation): 2 round trips, not 7.
-    rows = execute_alone(_VERIFY, params)
-    if rows is None:
-        rows = db.session.execute(_VERIFY, params).all()
+    rows = execute_read(_VERIFY, params)
     row = rows[0] if rows else None
     if row is None:
         raise TokenError("token is no longer valid")

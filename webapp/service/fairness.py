@@ -57,7 +57,7 @@ def take_turn(user):
     Retry-After) if this person is over a limit, else count the start. Three statements (the lock,
     one SELECT, the INSERT of the start); none when both limits are off."""
     max_running, per_minute = limits_of(user)
-    if not max_running and not per_minute:  # needs_guard
+    if not max_running and not per_minute:
         return
     answers.lock(USER_LOCK, user.id)
     now, key = time.time(), _key(user.id)

@@ -12,7 +12,7 @@ from ..errors import ServiceError
 from ..extensions import db, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
-from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, Conversation, Message
+from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, SOURCE_WEB, Conversation, Message
 from . import idempotency
 from .conversations import conversation_values, create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import needs_guard, take_turn
@@ -63,11 +63,9 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     options = check_options(options)
 
     def start(claim):
-        if conversation_id is None and claim is None and not needs_guard(user):
-            values = conversation_values(user, title_from(prompt), model)
-            opened = answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on())
-            if opened is not None:
-                return _launch(*opened, options, [], run_here=run_here)
+        opened = _open_alone(user, prompt, model, request_id) if conversation_id is None and claim is None else None
+        if opened is not None:
+            return _launch(*opened, options, [], run_here=run_here)
         if conversation_id is None:
             conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
             history = []  # a new conversation has nothing before this prompt
@@ -83,6 +81,16 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
 
     return _once(user, idempotency_key, start, "chat", prompt=prompt, conversation_id=conversation_id,
                  model=model, options=options)
+
+
+def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB):
+    """A new conversation with its prompt and answer in one statement (answers.open_in_new_conversation)
+    when nothing must run first (no per-person limit; the caller checked there is no key): the
+    (conversation, prompt, answer) it wrote, or None for the general path."""
+    if needs_guard(user):
+        return None
+    values = conversation_values(user, title_from(prompt), model, system_prompt, source)
+    return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on())
 
 
 def _guard(user, claim):
@@ -180,9 +188,8 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
             if len(system) > SYSTEM_PROMPT_MAX:
                 system = ""  # too long for the conversation's system prompt: stored as a message instead
             stored = 1 if system else 0
-            if stored == len(messages) - 1 and claim is None and not needs_guard(user):  # nothing but the prompt
-                values = conversation_values(user, title_from(prompt), model, system, SOURCE_API)
-                opened = answers.open_in_new_conversation(values, model, request_id, prompt, queued=_queue_on())
+            if stored == len(messages) - 1 and claim is None:  # nothing to store but the prompt
+                opened = _open_alone(user, prompt, model, request_id, system, SOURCE_API)
                 if opened is not None:
                     return _launch(*opened, options, None, context=list(messages))
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
