@@ -163,3 +163,52 @@ def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
         assert rows[0].created_at == rows[1].created_at >= conversation.created_at
     second = client.post("/chat/", json={"prompt": "again", "conversation_id": body["conversation_id"]}, headers=auth)
     assert second.status_code == 200 and second.get_json()["response"] == REPLY
+
+
+def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make_app, ollama, database_url):
+    """With the limits on (the default), a turn that starts a conversation still opens it in one
+    statement on PostgreSQL, after the person's lock: the token check, the lock, the opening (which
+    counts, tidies and records the start only where the limits allow), the final save. A refused turn
+    writes nothing and says which limit and when to retry; expired starts are tidied on the way."""
+    from sqlalchemy import event, func
+
+    from helpers import login_token, make_user
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, RateLimitHit
+    from webapp.service.fairness import _key
+    app = make_app(USER_MAX_RUNNING=2, USER_MAX_PER_MINUTE=2, LLM_MAX_PARALLEL=0)
+    user_id = make_user(app)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
+    ollama.script(reply=REPLY)
+    key, now = _key(user_id), time.time()
+    with app.app_context():  # three starts from two minutes ago: past the window, due for tidying
+        db.session.add_all([RateLimitHit(key=key, at=now - 120, expires_at=now - 60) for _ in range(3)])
+        db.session.commit()
+        engine = db.engine
+    statements, me = [], threading.get_ident()
+
+    def record(connection, cursor, statement, *args):
+        if threading.get_ident() == me:
+            statements.append(statement.split(None, 1)[0].upper())
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        first = client.post("/chat/", json={"prompt": "one"}, headers=auth)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert first.status_code == 200, first.get_json()
+    if database_url.startswith("postgresql"):  # SELECT (token), SELECT pg_advisory_xact_lock, WITH, WITH
+        assert statements == ["SELECT", "SELECT", "WITH", "WITH"], statements
+    with app.app_context():
+        hits = db.session.scalars(select(RateLimitHit.at).where(RateLimitHit.key == key)).all()
+        assert len(hits) == 1 and hits[0] > now - 5  # the expired three tidied, this start counted
+    assert client.post("/chat/", json={"prompt": "two"}, headers=auth).status_code == 200
+    refused = client.post("/chat/", json={"prompt": "three"}, headers=auth)
+    assert refused.status_code == 429, refused.get_json()
+    error = refused.get_json()["error"]
+    assert error["code"] == "too_many_answers" and "at most 2 answers a minute" in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(Conversation)) == 2  # nothing of "three"
+        assert db.session.scalar(select(func.count()).select_from(Message)) == 4
+        assert db.session.scalar(select(func.count()).select_from(RateLimitHit).where(RateLimitHit.key == key)) == 2

@@ -112,38 +112,51 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
                                                  "wait for it or stop it first")
 
 
-def open_in_new_conversation(values, model, request_id, prompt, queued=False):
-    """A turn that starts a conversation, on PostgreSQL with no transaction open and nothing to run
-    before it (no per-person limits, no Idempotency-Key): the conversation, the prompt and the answer
-    written and the conversation claimed in ONE statement on a connection in autocommit, so it is
-    its own transaction (all or nothing, as open_answer's BEGIN ... COMMIT) in one round trip instead
-    of five. A new conversation cannot be busy, so the claim is simply its active_message_id.
-    `values`: the conversation's columns (service.conversations.conversation_values). Returns
-    (conversation, prompt_message, answer) copies as open_answer does, or None where this does not
-    apply: the caller takes the general path."""
+def open_in_new_conversation(values, model, request_id, prompt, queued=False, guard=None):
+    """A turn that starts a conversation, on PostgreSQL with no transaction open and no
+    Idempotency-Key: the conversation, the prompt and the answer written and the conversation claimed
+    in ONE statement on a connection in autocommit, so it is its own transaction (all or nothing, as
+    open_answer's BEGIN ... COMMIT) in one round trip instead of five. A new conversation cannot be
+    busy, so the claim is simply its active_message_id.
+    `values`: the conversation's columns (service.conversations.conversation_values).
+    `guard`: the per-person limits folded in (service.fairness.Guard): its lock is taken first in a
+    transaction of the statement's own (BEGIN, lock, the statement, COMMIT), its check decides inside
+    the statement whether anything is written, and `guard.check(row)` raises the refusal.
+    Returns (conversation, prompt_message, answer) copies as open_answer does, or None where this
+    does not apply: the caller takes the general path."""
     now = values["created_at"]
     rows = [_row(None, "user", prompt, COMPLETE, None, request_id, None, now),
             _row(None, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now)]
     params = {**{"c_" + name: values[name] for name in _NEW_CONVERSATION_COLUMNS},
               "p_content": rows[0]["content"], "a_status": rows[1]["status"], "a_model": model,
               "b_request_id": request_id, "b_now": now}
-    rows_written = execute_alone(_OPEN_NEW, params)
+    statement, first = _OPEN_NEW, None
+    if guard is not None:
+        statement, first = guard.statement, guard.lock
+        params.update(guard.params)
+    rows_written = execute_alone(statement, params, first=first)
     if rows_written is None:
         return None
-    (conversation_id, prompt_id, answer_id), = rows_written
+    (conversation_id, prompt_id, answer_id, *checks), = rows_written
+    if guard is not None:
+        guard.check(checks)
     conversation = Conversation(id=conversation_id, **{**values, "message_count": len(rows),
                                                        "active_message_id": answer_id})
     prompt_row, answer_row = ({**row, "conversation_id": conversation_id} for row in rows)
     return conversation, Message(id=prompt_id, **prompt_row), Message(id=answer_id, **answer_row)
 
 
-def _open_new_statement():
+def open_new_statement(allowed=None, report=(), writes=()):
     """open_in_new_conversation's statement: the conversation's id drawn first (nextval), so the
     messages can point at it and it at its answer within one statement (the messages' foreign key
     is checked at the statement's end); the rows go in ordered, prompt before answer, as
-    SQLAlchemy's own ordered multi-row INSERT relies on."""
+    SQLAlchemy's own ordered multi-row INSERT relies on. Returns (conversation id, prompt id,
+    answer id, *report). A guard (service.fairness) adds `allowed`, a boolean scalar subquery: the
+    rows are written only where it holds; `report`, columns returned after the ids (what it
+    decided on); `writes`, CTEs of its own (each conditional on `allowed` itself)."""
     m, c = MESSAGES.c, CONVERSATIONS.c
     new_id = select(func.nextval(func.pg_get_serial_sequence("conversations", "id")).label("id")).cte("new_id")
+    when = (allowed,) if allowed is not None else ()
 
     def message(order, role, content, status, model, heartbeat_at):
         values = {"conversation_id": new_id.c.id, "role": literal(role, m.role.type), "content": content,
@@ -159,19 +172,19 @@ def _open_new_statement():
                 bindparam("a_model", type_=m.model.type), bindparam("b_now", type_=m.heartbeat_at.type))).subquery()
     columns = [m.conversation_id, m.role, m.content, m.status, m.model, m.request_id, m.heartbeat_at, m.created_at,
                m.cancel_requested]
-    added = insert(MESSAGES).from_select(columns, select(*list(both.c)[1:]).order_by(both.c.ord)).returning(
-        m.id).cte("added")
+    added = insert(MESSAGES).from_select(columns, select(*list(both.c)[1:]).where(*when).order_by(both.c.ord)
+                                         ).returning(m.id).cte("added")
     names = _NEW_CONVERSATION_COLUMNS
     conversation = insert(CONVERSATIONS).from_select(
         [c.id, c.message_count, c.active_message_id, *(c[name] for name in names)],
         select(new_id.c.id, literal(2), select(func.max(added.c.id)).scalar_subquery(),
-               *(bindparam("c_" + name, type_=c[name].type) for name in names))).cte("conversation")
+               *(bindparam("c_" + name, type_=c[name].type) for name in names)).where(*when)).cte("conversation")
     return select(new_id.c.id, select(func.min(added.c.id)).scalar_subquery(),
-                  select(func.max(added.c.id)).scalar_subquery()).add_cte(conversation)
+                  select(func.max(added.c.id)).scalar_subquery(), *report).add_cte(conversation, *writes)
 
 
 _NEW_CONVERSATION_COLUMNS = ("user_id", "title", "model", "system_prompt", "source", "created_at", "updated_at")
-_OPEN_NEW = _open_new_statement()
+_OPEN_NEW = open_new_statement()
 
 
 def _row(conversation_id, role, content, status, model, request_id, heartbeat_at, now):
@@ -202,10 +215,17 @@ def lock(namespace, key):
     writer: a write that touches nothing makes the session's transaction take the write lock first
     (BEGIN IMMEDIATE, see capacity.py), so what it reads next cannot change under it."""
     if db.session.get_bind().dialect.name == "postgresql":
-        db.session.execute(text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:key))"),
-                           {"namespace": namespace, "key": str(key)})
+        db.session.execute(*lock_statement(namespace, key))
     else:
         db.session.execute(update(Message).where(Message.id == -1).values(status=QUEUED))
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:key))")
+
+
+def lock_statement(namespace, key):
+    """PostgreSQL's form of `lock`, as (statement, params), for a transaction run outside the session."""
+    return _ADVISORY_LOCK, {"namespace": namespace, "key": str(key)}
 
 
 def model_key(name):

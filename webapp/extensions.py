@@ -25,19 +25,25 @@ htmx = Htmx()
 llm_service = LLMService()
 
 
-def execute_alone(statement, params):
+def execute_alone(statement, params, first=None):
     """PostgreSQL, with no transaction open in the session: run ONE statement on a pooled connection
     in autocommit, so it is its own transaction (a single statement is all or nothing anyway) and
     costs one round trip, without BEGIN and COMMIT around it. It goes around the session (whose
     bookkeeping costs more than the statement) and holds the connection only for the statement.
-    Returns the rows, fetched; None where this does not apply (SQLite, or a transaction already open
-    in the session): the caller runs the statement the usual way."""
+    `first`: (statement, params) that must run before it, in its transaction, as statements of their
+    own (a lock, so that the statement's snapshot is taken once it is held): then the two run in
+    BEGIN ... COMMIT. Returns the rows, fetched; None where this does not apply (SQLite, or a
+    transaction already open in the session): the caller runs the statement the usual way."""
     session = db.session
     if session().in_transaction():
         return None
     engine = db.engine
     if engine.dialect.name != "postgresql":
         return None
+    if first is not None:
+        with engine.begin() as connection:
+            connection.execute(*first)
+            return connection.execute(statement, params).all()
     with _autocommit(engine).connect() as connection:
         return connection.execute(statement, params).all()
 

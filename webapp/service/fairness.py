@@ -12,9 +12,10 @@ key of their own), so counting a minute is one index range scan whatever the per
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 
 from flask import current_app, g, has_request_context
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Integer, and_, bindparam, delete, func, insert, or_, select
 
 from .. import answers
 from ..errors import ServiceError
@@ -52,6 +53,33 @@ def needs_guard(user):
     return any(limits_of(user))
 
 
+def _counts(user_id, key, since):
+    """The row take_turn decides on: this person's unfinished answers, the starts counted since
+    `since` (and the oldest of them: when one leaves the window), and the expired ones to tidy."""
+    mine = HITS.c.key == key
+    return (
+        select(func.count()).select_from(Message).join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user_id).scalar_subquery()
+        .label("unfinished"),
+        select(func.count()).where(mine, HITS.c.at > since).scalar_subquery().label("started"),
+        select(func.min(HITS.c.at)).where(mine, HITS.c.at > since).scalar_subquery().label("oldest"),
+        select(func.count()).where(mine, HITS.c.at <= since).scalar_subquery().label("expired"))
+
+
+def _refusal(max_running, per_minute, unfinished, started, oldest, now):
+    """The 429 for a turn over a limit, or None."""
+    if max_running and unfinished >= max_running:
+        return ServiceError(429, "too_many_answers",
+                            f"you already have {unfinished} answer{'s' if unfinished != 1 else ''} being "
+                            f"generated (at most {max_running} at once); wait for one to finish",
+                            retry_after=BUSY_RETRY_AFTER)
+    if per_minute and started >= per_minute:
+        wait = max(1, math.ceil(oldest + WINDOW - now))
+        return ServiceError(429, "too_many_answers",
+                            f"at most {per_minute} answers a minute; try again in {wait} seconds", retry_after=wait)
+    return None
+
+
 def take_turn(user):
     """In the caller's transaction, before the answer row is added: refuse with 429 (and a
     Retry-After) if this person is over a limit, else count the start. Three statements (the lock,
@@ -61,24 +89,60 @@ def take_turn(user):
         return
     answers.lock(USER_LOCK, user.id)
     now, key = time.time(), _key(user.id)
-    mine = HITS.c.key == key
-    unfinished, started, oldest, expired = db.session.execute(select(
-        select(func.count()).select_from(Message).join(Conversation, Conversation.id == Message.conversation_id)
-        .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user.id).scalar_subquery(),
-        select(func.count()).where(mine, HITS.c.at > now - WINDOW).scalar_subquery(),
-        select(func.min(HITS.c.at)).where(mine, HITS.c.at > now - WINDOW).scalar_subquery(),
-        select(func.count()).where(mine, HITS.c.at <= now - WINDOW).scalar_subquery())).one()
-    if max_running and unfinished >= max_running:
+    unfinished, started, oldest, expired = db.session.execute(select(*_counts(user.id, key, now - WINDOW))).one()
+    refused = _refusal(max_running, per_minute, unfinished, started, oldest, now)
+    if refused is not None:
         db.session.rollback()
-        raise ServiceError(429, "too_many_answers",
-                           f"you already have {unfinished} answer{'s' if unfinished != 1 else ''} being "
-                           f"generated (at most {max_running} at once); wait for one to finish",
-                           retry_after=BUSY_RETRY_AFTER)
-    if per_minute and started >= per_minute:
-        db.session.rollback()
-        wait = max(1, math.ceil(oldest + WINDOW - now))
-        raise ServiceError(429, "too_many_answers",
-                           f"at most {per_minute} answers a minute; try again in {wait} seconds", retry_after=wait)
+        raise refused
     if expired >= max(per_minute, 1):  # tidy up now and then, not on every turn
-        db.session.execute(delete(HITS).where(mine, HITS.c.at <= now - WINDOW))
+        db.session.execute(delete(HITS).where(HITS.c.key == key, HITS.c.at <= now - WINDOW))
     db.session.execute(insert(HITS).values(key=key, at=now, expires_at=now + WINDOW))
+
+
+@dataclass(frozen=True)
+class Guard:
+    """take_turn folded into a turn's one-statement opening (answers.open_in_new_conversation): the
+    lock to take first, the guarded statement and its parameters, and `check(row)`, which raises the
+    refusal the statement reported. The same rule as take_turn, decided inside the statement: the
+    counts, the tidy-up and the start's row are written only where the limits allow."""
+    statement: object
+    lock: tuple
+    params: dict
+    max_running: int
+    per_minute: int
+    now: float
+
+    def check(self, row):
+        unfinished, started, oldest = row
+        refused = _refusal(self.max_running, self.per_minute, unfinished, started, oldest, self.now)
+        if refused is not None:
+            raise refused
+
+
+def guard_for(user):
+    """The Guard of this person's next start (limits on), for the one-statement opening."""
+    max_running, per_minute = limits_of(user)
+    now = time.time()
+    params = {"g_user": user.id, "g_key": _key(user.id), "g_since": now - WINDOW, "g_now": now,
+              "g_expires": now + WINDOW, "g_max_running": max_running, "g_per_minute": per_minute}
+    return Guard(_GUARDED_OPENING, answers.lock_statement(USER_LOCK, user.id), params, max_running, per_minute, now)
+
+
+def _guarded_opening():
+    """answers.open_new_statement with take_turn inside: counts first (a CTE, read once), then the
+    writes, each only where the limits allow."""
+    counts = select(*_counts(bindparam("g_user"), bindparam("g_key"), bindparam("g_since"))).cte("counts")
+    max_running, per_minute = bindparam("g_max_running", type_=Integer), bindparam("g_per_minute", type_=Integer)
+    allowed = select(and_(or_(max_running == 0, counts.c.unfinished < max_running),
+                          or_(per_minute == 0, counts.c.started < per_minute))).scalar_subquery()
+    key, since = bindparam("g_key", type_=HITS.c.key.type), bindparam("g_since", type_=HITS.c.at.type)
+    tidy = delete(HITS).where(HITS.c.key == key, HITS.c.at <= since, allowed,
+                              select(counts.c.expired).scalar_subquery() >= func.greatest(per_minute, 1)).cte("tidy")
+    start = insert(HITS).from_select(["key", "at", "expires_at"], select(
+        key, bindparam("g_now", type_=HITS.c.at.type), bindparam("g_expires", type_=HITS.c.expires_at.type))
+        .where(allowed)).cte("start")
+    report = [select(column).scalar_subquery() for column in (counts.c.unfinished, counts.c.started, counts.c.oldest)]
+    return answers.open_new_statement(allowed, report, (tidy, start))
+
+
+_GUARDED_OPENING = _guarded_opening()

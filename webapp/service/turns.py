@@ -15,7 +15,7 @@ from ..limits import SYSTEM_PROMPT_MAX
 from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, SOURCE_WEB, Conversation, Message
 from . import idempotency
 from .conversations import conversation_values, create_conversation, free_if_orphaned, get_conversation, request_stop
-from .fairness import needs_guard, take_turn
+from .fairness import guard_for, needs_guard, take_turn
 from .validation import check_model, check_options, clean_prompt, title_from
 
 COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
@@ -84,13 +84,12 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
 
 
 def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB):
-    """A new conversation with its prompt and answer in one statement (answers.open_in_new_conversation)
-    when nothing must run first (no per-person limit; the caller checked there is no key): the
-    (conversation, prompt, answer) it wrote, or None for the general path."""
-    if needs_guard(user):
-        return None
+    """A new conversation with its prompt and answer in one statement (answers.open_in_new_conversation),
+    the per-person limits decided inside it when they are on (the caller checked there is no key):
+    the (conversation, prompt, answer) it wrote, or None for the general path."""
     values = conversation_values(user, title_from(prompt), model, system_prompt, source)
-    return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on())
+    return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on(),
+                                            guard=guard_for(user) if needs_guard(user) else None)
 
 
 def _guard(user, claim):
