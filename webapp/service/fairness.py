@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from flask import current_app, g, has_request_context
-from sqlalchemy import Integer, and_, bindparam, delete, func, insert, or_, select
+from sqlalchemy import Integer, and_, bindparam, case, delete, func, insert, literal, or_, select
 
 from .. import answers
 from ..errors import ServiceError
@@ -53,16 +53,23 @@ def needs_guard(user):
     return any(limits_of(user))
 
 
-def _counts(user_id, key, since):
+def _counts(user_id, key, since, max_running, per_minute):
     """The row take_turn decides on: this person's unfinished answers, the starts counted since
-    `since` (and the oldest of them: when one leaves the window), and the expired ones to tidy."""
+    `since` (and the oldest of them: when one leaves the window), and the expired ones to tidy. A
+    count whose limit is off is not made (0): a person with no per-minute limit may start hundreds
+    a minute, and counting them on every turn would cost more than the turn."""
     mine = HITS.c.key == key
+
+    def unless_off(limit, count):
+        return case((limit == 0, None), else_=count)
     return (
-        select(func.count()).select_from(Message).join(Conversation, Conversation.id == Message.conversation_id)
-        .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user_id).scalar_subquery()
-        .label("unfinished"),
-        select(func.count()).where(mine, HITS.c.at > since).scalar_subquery().label("started"),
-        select(func.min(HITS.c.at)).where(mine, HITS.c.at > since).scalar_subquery().label("oldest"),
+        unless_off(max_running, select(func.count()).select_from(Message)
+                   .join(Conversation, Conversation.id == Message.conversation_id)
+                   .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user_id)
+                   .scalar_subquery()).label("unfinished"),
+        unless_off(per_minute, select(func.count()).where(mine, HITS.c.at > since).scalar_subquery()).label("started"),
+        unless_off(per_minute, select(func.min(HITS.c.at)).where(mine, HITS.c.at > since).scalar_subquery())
+        .label("oldest"),
         select(func.count()).where(mine, HITS.c.at <= since).scalar_subquery().label("expired"))
 
 
@@ -89,7 +96,8 @@ def take_turn(user):
         return
     answers.lock(USER_LOCK, user.id)
     now, key = time.time(), _key(user.id)
-    unfinished, started, oldest, expired = db.session.execute(select(*_counts(user.id, key, now - WINDOW))).one()
+    unfinished, started, oldest, expired = db.session.execute(select(
+        *_counts(user.id, key, now - WINDOW, literal(max_running), literal(per_minute)))).one()
     refused = _refusal(max_running, per_minute, unfinished, started, oldest, now)
     if refused is not None:
         db.session.rollback()
@@ -131,8 +139,9 @@ def guard_for(user):
 def _guarded_opening():
     """answers.open_new_statement with take_turn inside: counts first (a CTE, read once), then the
     writes, each only where the limits allow."""
-    counts = select(*_counts(bindparam("g_user"), bindparam("g_key"), bindparam("g_since"))).cte("counts")
     max_running, per_minute = bindparam("g_max_running", type_=Integer), bindparam("g_per_minute", type_=Integer)
+    counts = select(*_counts(bindparam("g_user"), bindparam("g_key"), bindparam("g_since"), max_running,
+                             per_minute)).cte("counts")
     allowed = select(and_(or_(max_running == 0, counts.c.unfinished < max_running),
                           or_(per_minute == 0, counts.c.started < per_minute))).scalar_subquery()
     key, since = bindparam("g_key", type_=HITS.c.key.type), bindparam("g_since", type_=HITS.c.at.type)
