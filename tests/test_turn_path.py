@@ -172,10 +172,11 @@ def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make
     writes nothing and says which limit and when to retry; expired starts are tidied on the way."""
     from sqlalchemy import event, func
 
-    from helpers import login_token, make_user
     from webapp.extensions import db
     from webapp.models import Conversation, Message, RateLimitHit
     from webapp.service.fairness import _key
+
+    from helpers import login_token, make_user
     app = make_app(USER_MAX_RUNNING=2, USER_MAX_PER_MINUTE=2, LLM_MAX_PARALLEL=0)
     user_id = make_user(app)
     client = app.test_client()

@@ -62,11 +62,14 @@ def _counts(user_id, key, since, max_running, per_minute):
 
     def unless_off(limit, count):
         return case((limit == 0, None), else_=count)
+    # The answers unfinished right now, server-wide (a small partial index), each looked up by its
+    # conversation's key: left to itself, PostgreSQL's planner may walk all of the person's
+    # conversations instead, each turn costing more as their history grows (3.5 ms at 1,600).
+    owner = (select(Conversation.user_id).where(Conversation.id == Message.conversation_id)
+             .correlate(Message).scalar_subquery())
     return (
         unless_off(max_running, select(func.count()).select_from(Message)
-                   .join(Conversation, Conversation.id == Message.conversation_id)
-                   .where(Message.status.in_(ACTIVE_STATUSES), Conversation.user_id == user_id)
-                   .scalar_subquery()).label("unfinished"),
+                   .where(Message.status.in_(ACTIVE_STATUSES), owner == user_id).scalar_subquery()).label("unfinished"),
         unless_off(per_minute, select(func.count()).where(mine, HITS.c.at > since).scalar_subquery()).label("started"),
         unless_off(per_minute, select(func.min(HITS.c.at)).where(mine, HITS.c.at > since).scalar_subquery())
         .label("oldest"),
