@@ -213,3 +213,47 @@ def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make
         assert db.session.scalar(select(func.count()).select_from(Conversation)) == 2  # nothing of "three"
         assert db.session.scalar(select(func.count()).select_from(Message)) == 4
         assert db.session.scalar(select(func.count()).select_from(RateLimitHit).where(RateLimitHit.key == key)) == 2
+
+
+def test_a_first_message_on_the_page_opens_its_conversation_in_one_statement(make_app, ollama, database_url):
+    """The browser door as the bearer one: the session cookie's check is one read run alone (no
+    transaction left open), so the page's first message opens its conversation in one statement on
+    PostgreSQL, after the person's lock (limits on, the default), and the page follows it."""
+    from sqlalchemy import event
+
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+
+    from helpers import make_user, sign_in, wait_idle
+    app = make_app(LLM_MAX_PARALLEL=0)
+    make_user(app)
+    ollama.script(reply=REPLY)
+    browser = app.test_client()
+    token = sign_in(browser)
+    with app.app_context():
+        engine = db.engine
+    statements, me = [], threading.get_ident()
+
+    def record(connection, cursor, statement, *args):
+        if threading.get_ident() == me:
+            statements.append(statement.split(None, 1)[0].upper())
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = browser.post("/c/new", data={"prompt": "hello from the page", "csrf_token": token})
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code in (302, 303), response.get_data(as_text=True)
+    if database_url.startswith("postgresql"):  # the session's read, the person's lock, the opening
+        assert statements == ["SELECT", "SELECT", "WITH"], statements
+    conversation_id = int(response.headers["Location"].rstrip("/").rsplit("/", 1)[-1])
+    wait_idle(app)
+    with app.app_context():
+        conversation = db.session.get(Conversation, conversation_id)
+        rows = db.session.scalars(select(Message).where(Message.conversation_id == conversation_id)
+                                  .order_by(Message.id)).all()
+        assert conversation.title == "hello from the page" and conversation.active_message_id is None
+        assert [(m.role, m.content, m.status) for m in rows] == [
+            ("user", "hello from the page", "complete"), ("assistant", REPLY, "complete")]
+    page = browser.get(f"/c/{conversation_id}").get_data(as_text=True)
+    assert "hello from the page" in page and "alice" in page
+

@@ -19,9 +19,9 @@ from datetime import timedelta
 
 from flask import current_app, g, request, session
 from flask_login import login_user, user_loaded_from_cookie
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 
-from ..extensions import db
+from ..extensions import db, execute_alone, execute_read
 from ..models import User, UserSession, utcnow
 
 TOUCH_EVERY = timedelta(minutes=1)
@@ -58,29 +58,46 @@ def start(user, remember=False):
 
 
 def load(session_id):
-    """The user of a session cookie 's:<token>', or None when the session has ended."""
+    """The user of a session cookie 's:<token>', or None when the session has ended. Every page and
+    fragment a browser asks for runs it: one Core read of the session's row joined with its user,
+    alone where it can be (extensions.execute_read: no BEGIN, no ROLLBACK at the request's end on a
+    page that reads nothing else, and a first message opens its conversation in one statement, as
+    the bearer door does). The User returned is a plain copy of the row, as tokens.verify's: a view
+    that changes the account loads it (db.session.get) and writes that."""
     kind, _, token = (session_id or "").partition(":")
     if kind != "s" or not token:
         return None  # includes the old 'user_id:version' cookies: those people sign in again
-    row = db.session.execute(select(UserSession, User).join(User, User.id == UserSession.user_id)
-                             .where(UserSession.token_hash == _hash(token))).first()
-    if row is None:
+    rows = execute_read(_LOAD, {"b_token_hash": _hash(token)})
+    if not rows:
         return None
-    record, user = row
+    values = rows[0]._asdict()
+    record = {name: values.pop("s_" + name) for name in ("id", "revoked_at", "expires_at", "last_seen_at")}
     now = utcnow()
-    if record.revoked_at is not None or record.expires_at <= now or not user.is_active:
+    if record["revoked_at"] is not None or record["expires_at"] <= now or not values["is_active"]:
         return None
+    user = User(**values)
     user.session_token = token
     g.user_name = user.username  # for the access log line
-    g.user_session_id = record.id
+    g.user_session_id = record["id"]
     g.auth_user_id = user.id  # with user_session_id: what an open stream re-checks (stream_auth.py)
-    g.user_session_expires = record.expires_at
-    if now - record.last_seen_at >= TOUCH_EVERY:
+    g.user_session_expires = record["expires_at"]
+    if now - record["last_seen_at"] >= TOUCH_EVERY:
         ip, agent = _client()
-        db.session.execute(update(UserSession).where(UserSession.id == record.id)
-                           .values(last_seen_at=now, ip=ip, user_agent=agent))
-        db.session.commit()
+        touch = {"b_id": record["id"], "b_now": now, "b_ip": ip, "b_agent": agent}
+        if execute_alone(_TOUCH, touch) is None:
+            db.session.execute(_TOUCH, touch)
+            db.session.commit()
     return user
+
+
+_SESSIONS = UserSession.__table__
+_LOAD = (select(*(_SESSIONS.c[name].label("s_" + name) for name in ("id", "revoked_at", "expires_at", "last_seen_at")),
+                User.__table__)
+         .join(User.__table__, User.__table__.c.id == _SESSIONS.c.user_id)
+         .where(_SESSIONS.c.token_hash == bindparam("b_token_hash")))
+_TOUCH = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_id"))
+          .values(last_seen_at=bindparam("b_now"), ip=bindparam("b_ip"), user_agent=bindparam("b_agent"))
+          .returning(_SESSIONS.c.id))  # RETURNING: execute_alone fetches rows
 
 
 def current_id():
