@@ -24,6 +24,7 @@ Extra app environment: `--env NAME=VALUE` (repeatable), e.g. to switch off per-p
 import argparse
 import asyncio
 import datetime
+import itertools
 import json
 import math
 import os
@@ -434,7 +435,13 @@ async def latency(client, cpu, turns, repeats, out):
         await client.direct_turn()
         await client.app_stream()
         await client.direct_stream()
-    kinds = {"app": client.app_turn, "direct": client.direct_turn}
+    # The usual chat turn is a follow-up: turns in ten conversations started here, taken in turn.
+    chats = [(await client.app_turn())[2]["conversation_id"] for _ in range(10)]
+    next_chat = itertools.cycle(chats)
+
+    async def next_turn():
+        return await client.app_turn("and then?", next(next_chat))
+    kinds = {"app": client.app_turn, "direct": client.direct_turn, "next": next_turn}
     medians = {k: [] for k in kinds}
     p99s = {k: [] for k in kinds}
     errors = {k: 0 for k in kinds}
@@ -469,7 +476,8 @@ async def latency(client, cpu, turns, repeats, out):
     mp = {k: statistics.median(v) for k, v in p99s.items()}
     mt = {k: statistics.median(v) for k, v in ttft.items()}
     out.append("## 1. Added latency per turn (c=1, PostgreSQL, bearer token)\n")
-    out.append(f"{repeats} interleaved repeats of {turns} sequential turns each (app, then direct, then app…); "
+    out.append(f"{repeats} interleaved repeats of {turns} sequential turns each (app, direct, app in an existing "
+               f"conversation, then app again…; the existing ones are ten conversations taken in turn); "
                f"median over repeats of each repeat's p50 / p99. The model answers 20 tokens at once. "
                f"TTFT: streamed `POST /chat/` (`\"stream\": true`, SSE) vs a streamed `/api/chat` straight to the "
                f"model server, {max(20, turns // 4)} per repeat.\n")
@@ -481,20 +489,24 @@ async def latency(client, cpu, turns, repeats, out):
                f"**{ms(mp['app'] - mp['direct'], 2)}** |")
     out.append(f"| p50 per repeat (ms) | {', '.join(ms(v) for v in medians['app'])} | "
                f"{', '.join(ms(v) for v in medians['direct'])} | |")
+    out.append(f"| turn in an existing conversation p50 (ms) | {ms(mm['next'], 2)} | {ms(mm['direct'], 2)} | "
+               f"**{ms(mm['next'] - mm['direct'], 2)}** |")
+    out.append(f"| turn in an existing conversation p99 (ms) | {ms(mp['next'], 2)} | {ms(mp['direct'], 2)} | "
+               f"**{ms(mp['next'] - mp['direct'], 2)}** |")
     out.append(f"| streamed TTFT p50 (ms) | {ms(mt['app'], 2)} | {ms(mt['direct'], 2)} | "
                f"**{ms(mt['app'] - mt['direct'], 2)}** |")
     out.append(f"| errors | {errors['app']} | {errors['direct']} | |")
     out.append("")
     out.append("CPU milliseconds per non-streaming turn, by process (user + system from /proc, summed over the "
                "timed blocks; `box` is the whole machine, so `box` minus the rest is other agents' load):\n")
-    out.append("| process | app turn | direct turn |")
-    out.append("| --- | --- | --- |")
+    out.append("| process | app turn | app turn, existing conversation | direct turn |")
+    out.append("| --- | --- | --- | --- |")
     for name in ("app", "postgres", "model", "client", "box"):
         label = {"app": "app (gunicorn master + workers)", "postgres": "PostgreSQL (all its processes)",
                  "model": "model server", "client": "load tool (this process)",
                  "box": "whole box (all processes, 2 cores)"}[name]
-        out.append(f"| {label} | {cpu_used['app'].get(name, 0) / counted['app'] * 1000:.2f} | "
-                   f"{cpu_used['direct'].get(name, 0) / counted['direct'] * 1000:.2f} |")
+        out.append(f"| {label} | " + " | ".join(f"{cpu_used[kind].get(name, 0) / counted[kind] * 1000:.2f}"
+                                                for kind in ("app", "next", "direct")) + " |")
     out.append("")
 
 

@@ -257,3 +257,73 @@ def test_a_first_message_on_the_page_opens_its_conversation_in_one_statement(mak
     page = browser.get(f"/c/{conversation_id}").get_data(as_text=True)
     assert "hello from the page" in page and "alice" in page
 
+
+
+@pytest.mark.parametrize("limits", [0, 2], ids=["limits-off", "limits-on"])
+def test_a_turn_in_an_existing_conversation_claims_it_in_one_statement(make_app, ollama, database_url, limits):
+    """A turn in an existing conversation claims it first, in one statement with its prompt and
+    answer (on PostgreSQL; after the person's lock when the limits are on), reads the context, and
+    saves the answer: the rows are as the general path writes them, prompt before answer. A
+    conversation that is busy, not this person's or gone is not claimed: the general path says why,
+    and the start is not counted."""
+    from sqlalchemy import event, func
+
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message, RateLimitHit
+
+    from helpers import login_token, make_user
+    app = make_app(USER_MAX_RUNNING=limits, USER_MAX_PER_MINUTE=limits * 10, LLM_MAX_PARALLEL=0)
+    make_user(app)
+    make_user(app, "bob")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
+    ollama.script(reply=REPLY)
+    first = client.post("/chat/", json={"prompt": "first"}, headers=auth).get_json()
+    conversation_id = first["conversation_id"]
+    with app.app_context():
+        engine = db.engine
+    statements, me = [], threading.get_ident()
+
+    def record(connection, cursor, statement, *args):
+        if threading.get_ident() == me:
+            statements.append(statement.split(None, 1)[0].upper())
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        second = client.post("/chat/", json={"prompt": "second", "conversation_id": conversation_id,
+                                              "model": "llama3.2"}, headers=auth)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert second.status_code == 200, second.get_json()
+    body = second.get_json()
+    if database_url.startswith("postgresql"):  # token, [lock], the claim with both rows, the context, the save
+        assert statements == ["SELECT", *(["SELECT"] if limits else []), "WITH", "SELECT", "WITH"], statements
+    assert ollama.chat_requests[-1]["messages"] == [{"role": "user", "content": "first"},
+                                               {"role": "assistant", "content": REPLY},
+                                               {"role": "user", "content": "second"}]
+    with app.app_context():
+        conversation = db.session.get(Conversation, conversation_id)
+        rows = db.session.scalars(select(Message).where(Message.conversation_id == conversation_id)
+                                  .order_by(Message.id)).all()
+        assert (conversation.message_count, conversation.active_message_id, conversation.model) == (
+            4, None, "tinyllama")
+        assert [(m.role, m.content, m.status, m.model) for m in rows] == [
+            ("user", "first", "complete", None), ("assistant", REPLY, "complete", "tinyllama"),
+            ("user", "second", "complete", None), ("assistant", REPLY, "complete", "llama3.2")]
+        assert [rows[2].id, rows[3].id] == [body["user_message_id"], body["message_id"]]
+        assert rows[3].request_id == rows[2].request_id == body["request_id"]
+        hits = db.session.scalar(select(func.count()).select_from(RateLimitHit))
+    assert hits == (2 if limits else 0)
+    # Not claimed: someone else's conversation (404), then a busy one (409); neither start is counted.
+    bob = {"Authorization": f"Bearer {login_token(client, 'bob')}"}
+    other = client.post("/chat/", json={"prompt": "mine?", "conversation_id": conversation_id}, headers=bob)
+    assert other.status_code == 404 and other.get_json()["error"]["code"] == "not_found"
+    ollama.script(reply=REPLY, delay=0.1)
+    thread, _ = in_background(app, auth, {"prompt": "slow", "conversation_id": conversation_id})
+    live_answer(app)
+    busy = client.post("/chat/", json={"prompt": "meanwhile", "conversation_id": conversation_id}, headers=auth)
+    assert busy.status_code == 409 and busy.get_json()["error"]["code"] == "conversation_busy"
+    thread.join(10)
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(RateLimitHit)) == (3 if limits else 0)
+        assert db.session.scalar(select(func.count()).select_from(Message).where(
+            Message.conversation_id == conversation_id)) == 6

@@ -20,7 +20,22 @@ from collections import Counter
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import bindparam, delete, false, func, insert, literal, null, or_, select, text, union_all, update
+from sqlalchemy import (
+    bindparam,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
@@ -130,11 +145,7 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     params = {**{"c_" + name: values[name] for name in _NEW_CONVERSATION_COLUMNS},
               "p_content": rows[0]["content"], "a_status": rows[1]["status"], "a_model": model,
               "b_request_id": request_id, "b_now": now}
-    statement, first = _OPEN_NEW, None
-    if guard is not None:
-        statement, first = guard.statement, guard.lock
-        params.update(guard.params)
-    rows_written = execute_alone(statement, params, first=first)
+    rows_written = _run_guarded(_OPEN_NEW, "new", params, guard)
     if rows_written is None:
         return None
     (conversation_id, prompt_id, answer_id, *checks), = rows_written
@@ -146,25 +157,71 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     return conversation, Message(id=prompt_id, **prompt_row), Message(id=answer_id, **answer_row)
 
 
-def open_new_statement(allowed=None, report=(), writes=()):
+def _run_guarded(statement, kind, params, guard):
+    """One of the one-statement starts, alone: as it is, or with the guard's lock taken first and
+    its own version of the statement (guard.statements[kind]) in a transaction of their own."""
+    if guard is None:
+        return execute_alone(statement, params)
+    return execute_alone(guard.statements[kind], {**params, **guard.params}, first=guard.lock)
+
+
+def continue_conversation(user_id, conversation_id, prompt, model, keep_model, request_id, queued=False,
+                          guard=None):
+    """A turn in an existing conversation, on PostgreSQL with no transaction open and no
+    Idempotency-Key: the claim comes first, in ONE statement with the prompt and the answer (the
+    same all-or-nothing transaction as open_answer's, in one round trip instead of six). Their ids
+    are drawn from the sequence first (prompt before answer), so the claim can point at the answer.
+    `model`: the answer's (None: the conversation's); `keep_model`: it becomes the conversation's too.
+    `guard`: the per-person limits, as open_in_new_conversation's (the start is counted only when
+    the claim is made). Returns (conversation, prompt_message, answer) copies, or None when the claim
+    was not made (no such conversation of this person, busy, perhaps orphaned): the caller takes the
+    general path, which says why or frees an orphan and claims."""
+    now = utcnow()
+    rows = [_row(conversation_id, "user", prompt, COMPLETE, None, request_id, None, now),
+            _row(conversation_id, "assistant", "", QUEUED if queued else PENDING, model, request_id, now, now)]
+    params = {"b_conversation_id": conversation_id, "b_user_id": user_id, "b_now": now, "b_request_id": request_id,
+              "c_model": model if keep_model else None, "p_content": rows[0]["content"],
+              "a_status": rows[1]["status"], "a_model": model}
+    rows_written = _run_guarded(_OPEN_NEXT, "next", params, guard)
+    if rows_written is None:
+        return None
+    (prompt_id, answer_id, *values), = rows_written
+    claimed, checks = values[:len(_CLAIMED_COLUMNS)], values[len(_CLAIMED_COLUMNS):]
+    if guard is not None:
+        guard.check(checks)
+    if answer_id is None:
+        return None
+    conversation = Conversation(**dict(zip(_CLAIMED_COLUMNS, claimed, strict=True)), updated_at=now,
+                                active_message_id=answer_id)
+    rows[1]["model"] = conversation.model if model is None else model
+    return conversation, Message(id=prompt_id, **rows[0]), Message(id=answer_id, **rows[1])
+
+
+def _labelled(values):
+    # Every column labelled: unlabelled, SQLAlchemy would take two NULLs for one column.
+    return [value.label(name) for name, value in values.items()]
+
+
+def _message_values(m, role, content, status, model, heartbeat_at, **more):
+    return {**more, "role": literal(role, m.role.type), "content": content, "status": status, "model": model,
+            "request_id": bindparam("b_request_id", type_=m.request_id.type), "heartbeat_at": heartbeat_at,
+            "created_at": bindparam("b_now", type_=m.created_at.type), "cancel_requested": false()}
+
+
+def open_new_statement(guard=None):
     """open_in_new_conversation's statement: the conversation's id drawn first (nextval), so the
     messages can point at it and it at its answer within one statement (the messages' foreign key
     is checked at the statement's end); the rows go in ordered, prompt before answer, as
     SQLAlchemy's own ordered multi-row INSERT relies on. Returns (conversation id, prompt id,
-    answer id, *report). A guard (service.fairness) adds `allowed`, a boolean scalar subquery: the
-    rows are written only where it holds; `report`, columns returned after the ids (what it
-    decided on); `writes`, CTEs of its own (each conditional on `allowed` itself)."""
+    answer id, *guard.report). `guard`: service.fairness's SQL of the per-person limits; the rows
+    are written only where `guard.allowed` holds, and its writes (counting the start) with them."""
     m, c = MESSAGES.c, CONVERSATIONS.c
     new_id = select(func.nextval(func.pg_get_serial_sequence("conversations", "id")).label("id")).cte("new_id")
-    when = (allowed,) if allowed is not None else ()
+    when = (guard.allowed,) if guard is not None else ()
 
     def message(order, role, content, status, model, heartbeat_at):
-        values = {"conversation_id": new_id.c.id, "role": literal(role, m.role.type), "content": content,
-                  "status": status, "model": model, "request_id": bindparam("b_request_id", type_=m.request_id.type),
-                  "heartbeat_at": heartbeat_at, "created_at": bindparam("b_now", type_=m.created_at.type),
-                  "cancel_requested": false()}
-        # Every column labelled: unlabelled, SQLAlchemy would take the two NULLs for one column.
-        return select(literal(order).label("ord"), *(value.label(name) for name, value in values.items()))
+        values = _message_values(m, role, content, status, model, heartbeat_at, conversation_id=new_id.c.id)
+        return select(literal(order).label("ord"), *_labelled(values))
     both = union_all(
         message(0, "user", bindparam("p_content", type_=m.content.type), literal(COMPLETE, m.status.type),
                 null(), null()),
@@ -179,12 +236,46 @@ def open_new_statement(allowed=None, report=(), writes=()):
         [c.id, c.message_count, c.active_message_id, *(c[name] for name in names)],
         select(new_id.c.id, literal(2), select(func.max(added.c.id)).scalar_subquery(),
                *(bindparam("c_" + name, type_=c[name].type) for name in names)).where(*when)).cte("conversation")
+    report, writes = (guard.report, guard.writes(true())) if guard is not None else ((), ())
     return select(new_id.c.id, select(func.min(added.c.id)).scalar_subquery(),
                   select(func.max(added.c.id)).scalar_subquery(), *report).add_cte(conversation, *writes)
 
 
+def open_next_statement(guard=None):
+    """continue_conversation's statement: two message ids drawn in order, the claim (a compare-and-set
+    on the busy flag, this person's conversation only) pointing at the second, and the prompt and
+    the answer inserted only where the claim was made. Returns (prompt id, answer id, the claimed
+    conversation's _CLAIMED_COLUMNS, *guard.report): the ids are NULL when nothing was written."""
+    m, c = MESSAGES.c, CONVERSATIONS.c
+    ids = select(func.nextval(func.pg_get_serial_sequence("messages", "id")).label("id")).select_from(
+        func.generate_series(1, 2)).cte("ids")
+    first, second = (select(aggregate(ids.c.id)).scalar_subquery() for aggregate in (func.min, func.max))
+    claimed = update(CONVERSATIONS).where(
+        c.id == bindparam("b_conversation_id"), c.user_id == bindparam("b_user_id"), c.active_message_id.is_(None),
+        *((guard.allowed,) if guard is not None else ())).values(
+        active_message_id=second, message_count=c.message_count + 2, updated_at=bindparam("b_now"),
+        model=func.coalesce(bindparam("c_model", type_=c.model.type), c.model)).returning(
+        *(c[name] for name in _CLAIMED_COLUMNS)).cte("claimed")
+    answer_model = func.coalesce(bindparam("a_model", type_=m.model.type), claimed.c.model)
+    both = union_all(
+        select(*_labelled(_message_values(
+            m, "user", bindparam("p_content", type_=m.content.type), literal(COMPLETE, m.status.type), null(), null(),
+            id=first, conversation_id=claimed.c.id))),
+        select(*_labelled(_message_values(
+            m, "assistant", literal("", m.content.type), bindparam("a_status", type_=m.status.type), answer_model,
+            bindparam("b_now", type_=m.heartbeat_at.type), id=second, conversation_id=claimed.c.id)))).subquery()
+    added = insert(MESSAGES).from_select(list(both.c.keys()), select(*both.c).order_by(both.c.id)).returning(
+        m.id).cte("added")
+    report, writes = (guard.report, guard.writes(exists(select(claimed.c.id)))) if guard is not None else ((), ())
+    return select(select(func.min(added.c.id)).scalar_subquery(), select(func.max(added.c.id)).scalar_subquery(),
+                  *(select(claimed.c[name]).scalar_subquery() for name in _CLAIMED_COLUMNS), *report
+                  ).add_cte(claimed, *writes)
+
+
 _NEW_CONVERSATION_COLUMNS = ("user_id", "title", "model", "system_prompt", "source", "created_at", "updated_at")
+_CLAIMED_COLUMNS = ("id", "user_id", "title", "model", "system_prompt", "message_count", "source", "created_at")
 _OPEN_NEW = open_new_statement()
+_OPEN_NEXT = open_next_statement()
 
 
 def _row(conversation_id, role, content, status, model, request_id, heartbeat_at, now):

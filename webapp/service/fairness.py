@@ -48,11 +48,6 @@ def _key(user_id):
     return hashlib.sha256(f"answers-started:{user_id}".encode()).hexdigest()
 
 
-def needs_guard(user):
-    """Whether take_turn has anything to do for this person (a limit is on)."""
-    return any(limits_of(user))
-
-
 def _counts(user_id, key, since, max_running, per_minute):
     """The row take_turn decides on: this person's unfinished answers, the starts counted since
     `since` (and the oldest of them: when one leaves the window), and the expired ones to tidy. A
@@ -112,11 +107,12 @@ def take_turn(user):
 
 @dataclass(frozen=True)
 class Guard:
-    """take_turn folded into a turn's one-statement opening (answers.open_in_new_conversation): the
-    lock to take first, the guarded statement and its parameters, and `check(row)`, which raises the
-    refusal the statement reported. The same rule as take_turn, decided inside the statement: the
-    counts, the tidy-up and the start's row are written only where the limits allow."""
-    statement: object
+    """take_turn folded into a turn's one-statement start (answers.open_in_new_conversation,
+    answers.continue_conversation): the lock to take first, the guarded statements ("new", "next")
+    and their parameters, and `check(row)`, which raises the refusal a statement reported. The same
+    rule as take_turn, decided inside the statement: the counts, the tidy-up and the start's row
+    are written only where the limits allow (and the turn went ahead)."""
+    statements: dict
     lock: tuple
     params: dict
     max_running: int
@@ -131,30 +127,42 @@ class Guard:
 
 
 def guard_for(user):
-    """The Guard of this person's next start (limits on), for the one-statement opening."""
+    """The Guard of this person's next start, for the one-statement starts; None when no limit is on."""
     max_running, per_minute = limits_of(user)
+    if not max_running and not per_minute:
+        return None
     now = time.time()
     params = {"g_user": user.id, "g_key": _key(user.id), "g_since": now - WINDOW, "g_now": now,
               "g_expires": now + WINDOW, "g_max_running": max_running, "g_per_minute": per_minute}
-    return Guard(_GUARDED_OPENING, answers.lock_statement(USER_LOCK, user.id), params, max_running, per_minute, now)
+    return Guard(_GUARDED, answers.lock_statement(USER_LOCK, user.id), params, max_running, per_minute, now)
 
 
-def _guarded_opening():
-    """answers.open_new_statement with take_turn inside: counts first (a CTE, read once), then the
-    writes, each only where the limits allow."""
-    max_running, per_minute = bindparam("g_max_running", type_=Integer), bindparam("g_per_minute", type_=Integer)
-    counts = select(*_counts(bindparam("g_user"), bindparam("g_key"), bindparam("g_since"), max_running,
-                             per_minute)).cte("counts")
-    allowed = select(and_(or_(max_running == 0, counts.c.unfinished < max_running),
-                          or_(per_minute == 0, counts.c.started < per_minute))).scalar_subquery()
-    key, since = bindparam("g_key", type_=HITS.c.key.type), bindparam("g_since", type_=HITS.c.at.type)
-    tidy = delete(HITS).where(HITS.c.key == key, HITS.c.at <= since, allowed,
-                              select(counts.c.expired).scalar_subquery() >= func.greatest(per_minute, 1)).cte("tidy")
-    start = insert(HITS).from_select(["key", "at", "expires_at"], select(
-        key, bindparam("g_now", type_=HITS.c.at.type), bindparam("g_expires", type_=HITS.c.expires_at.type))
-        .where(allowed)).cte("start")
-    report = [select(column).scalar_subquery() for column in (counts.c.unfinished, counts.c.started, counts.c.oldest)]
-    return answers.open_new_statement(allowed, report, (tidy, start))
+class _GuardSQL:
+    """take_turn's rule as SQL, for one statement of answers': `allowed` (a boolean the statement's
+    writes require), `report` (the counts it decided on, returned), and `writes(done)`, the tidy-up
+    and the start's row, written only where allowed and `done` (the turn went ahead) hold. The
+    counts are one CTE, read once."""
+
+    def __init__(self):
+        self.max_running = bindparam("g_max_running", type_=Integer)
+        self.per_minute = bindparam("g_per_minute", type_=Integer)
+        self.counts = select(*_counts(bindparam("g_user"), bindparam("g_key"), bindparam("g_since"),
+                                      self.max_running, self.per_minute)).cte("counts")
+        self.allowed = select(and_(or_(self.max_running == 0, self.counts.c.unfinished < self.max_running),
+                                   or_(self.per_minute == 0, self.counts.c.started < self.per_minute))
+                              ).scalar_subquery()
+        self.report = [select(column).scalar_subquery()
+                       for column in (self.counts.c.unfinished, self.counts.c.started, self.counts.c.oldest)]
+
+    def writes(self, done):
+        key, since = bindparam("g_key", type_=HITS.c.key.type), bindparam("g_since", type_=HITS.c.at.type)
+        expired = select(self.counts.c.expired).scalar_subquery()
+        tidy = delete(HITS).where(HITS.c.key == key, HITS.c.at <= since, self.allowed, done,
+                                  expired >= func.greatest(self.per_minute, 1)).cte("tidy")
+        start = insert(HITS).from_select(["key", "at", "expires_at"], select(
+            key, bindparam("g_now", type_=HITS.c.at.type), bindparam("g_expires", type_=HITS.c.expires_at.type))
+            .where(self.allowed, done)).cte("start")
+        return tidy, start
 
 
-_GUARDED_OPENING = _guarded_opening()
+_GUARDED = {"new": answers.open_new_statement(_GuardSQL()), "next": answers.open_next_statement(_GuardSQL())}

@@ -9,14 +9,14 @@ from sqlalchemy import and_, or_, select
 
 from .. import answers, push
 from ..errors import ServiceError
-from ..extensions import db, llm_service
+from ..extensions import db, execute_read, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
 from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, SOURCE_WEB, Conversation, Message
 from . import idempotency
 from .conversations import conversation_values, create_conversation, free_if_orphaned, get_conversation, request_stop
-from .fairness import guard_for, needs_guard, take_turn
-from .validation import check_model, check_options, clean_prompt, title_from
+from .fairness import guard_for, take_turn
+from .validation import as_id, check_model, check_options, clean_prompt, title_from
 
 COALESCE_SECONDS = 0.03  # a follower gathers the tokens of this long into one event (DESIGN: 25-50 ms)
 
@@ -63,9 +63,12 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     options = check_options(options)
 
     def start(claim):
-        opened = _open_alone(user, prompt, model, request_id) if conversation_id is None and claim is None else None
+        opened = None
+        if claim is None:
+            opened = (_open_alone(user, prompt, model, request_id) if conversation_id is None
+                      else _continue_alone(user, conversation_id, prompt, model, keep_model, request_id))
         if opened is not None:
-            return _launch(*opened, options, [], run_here=run_here)
+            return _launch(*opened, options, [] if conversation_id is None else None, run_here=run_here)
         if conversation_id is None:
             conversation = create_conversation(user, title=title_from(prompt), model=model, commit=False)
             history = []  # a new conversation has nothing before this prompt
@@ -89,7 +92,18 @@ def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE
     the (conversation, prompt, answer) it wrote, or None for the general path."""
     values = conversation_values(user, title_from(prompt), model, system_prompt, source)
     return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on(),
-                                            guard=guard_for(user) if needs_guard(user) else None)
+                                            guard=guard_for(user))
+
+
+def _continue_alone(user, conversation_id, prompt, model, keep_model, request_id):
+    """The claim first, with the prompt and the answer, in one statement (answers.continue_conversation),
+    the per-person limits decided inside it when they are on: the (conversation, prompt, answer) it
+    wrote, or None for the general path (which says why the claim was not made, or frees an orphan)."""
+    conversation_id = as_id(conversation_id)
+    if conversation_id is None:
+        return None
+    return answers.continue_conversation(user.id, conversation_id, prompt, model, keep_model, request_id,
+                                         queued=_queue_on(), guard=guard_for(user))
 
 
 def _guard(user, claim):
@@ -263,12 +277,12 @@ def build_context(conversation, answer_id, history=None, prompt_message=None):
     one index range scan backwards from the answer, LIMIT-ed. Failed and stopped answers are left out.
     `history` given (a new conversation) skips the query."""
     config = current_app.config
-    if history is None:
-        rows = db.session.execute(
+    if history is None:  # read alone where it can be: a turn that started in one statement opens no transaction
+        rows = execute_read(
             select(Message.role, Message.content).where(
                 Message.conversation_id == conversation.id, Message.id < answer_id,
                 or_(Message.role == "user", and_(Message.role == "assistant", Message.status == COMPLETE)))
-            .order_by(Message.id.desc()).limit(config["CONTEXT_MAX_MESSAGES"])).all()
+            .order_by(Message.id.desc()).limit(config["CONTEXT_MAX_MESSAGES"]), {})
     else:
         rows = [(m.role, m.content) for m in reversed(history + [prompt_message] if prompt_message else history)]
     budget = config["CONTEXT_MAX_CHARS"] - len(conversation.system_prompt or "")
