@@ -51,7 +51,7 @@ def _key(user_id):
 def _counts(user_id, key, since, max_running, per_minute):
     """The row take_turn decides on: this person's unfinished answers, the starts counted since
     `since` (and the oldest of them: when one leaves the window), and the expired ones to tidy. A
-    count whose limit is off is not made (0): a person with no per-minute limit may start hundreds
+    count whose limit is off is not made (None): a person with no per-minute limit may start hundreds
     a minute, and counting them on every turn would cost more than the turn."""
     mine = HITS.c.key == key
 
