@@ -1,6 +1,7 @@
 """The non-streaming turn generates its answer in its own request (no task, no hand-off, no re-read),
 and keeps every guarantee of a background generation: Stop, a deleted conversation, a request
 killed mid-answer. On PostgreSQL and SQLite."""
+import contextlib
 import threading
 import time
 
@@ -42,6 +43,27 @@ def live_answer(app, timeout=5.0):
                 return message_id
         time.sleep(0.01)
     raise AssertionError("no answer started generating")
+
+
+@contextlib.contextmanager
+def statements_of_this_thread(app):
+    """The first word of each SQL statement this thread runs inside the block (not the watchdog's or
+    the orphan sweeper's): how many round trips a turn costs."""
+    from sqlalchemy import event
+
+    from webapp.extensions import db
+    with app.app_context():
+        engine = db.engine
+    statements, me = [], threading.get_ident()
+
+    def record(connection, cursor, statement, *args):
+        if threading.get_ident() == me:
+            statements.append(statement.split(None, 1)[0].upper())
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_a_non_streaming_turn_starts_no_background_task(app, client, auth, ollama, monkeypatch):
@@ -122,8 +144,6 @@ def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
     statement writing the conversation (claimed by its answer), the prompt and the answer
     (answers.open_in_new_conversation), and the final save. Every row is as the general path writes
     it, and the conversation is free again after."""
-    from sqlalchemy import event
-
     from helpers import login_token, make_user
     app = make_app(USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0, LLM_MAX_PARALLEL=0)
     make_user(app)
@@ -131,18 +151,8 @@ def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
     auth = {"Authorization": f"Bearer {login_token(client)}"}
     ollama.script(reply=REPLY)
     from webapp.extensions import db
-    with app.app_context():
-        engine = db.engine
-    statements, me = [], threading.get_ident()
-
-    def record(connection, cursor, statement, *args):
-        if threading.get_ident() == me:  # not the watchdog's or the orphan sweeper's
-            statements.append(statement.split(None, 1)[0].upper())
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with statements_of_this_thread(app) as statements:
         response = client.post("/chat/", json={"prompt": "  привет, world  "}, headers=auth)
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     postgres = database_url.startswith("postgresql")
@@ -170,7 +180,7 @@ def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make
     statement on PostgreSQL, after the person's lock: the token check, the lock, the opening (which
     counts, tidies and records the start only where the limits allow), the final save. A refused turn
     writes nothing and says which limit and when to retry; expired starts are tidied on the way."""
-    from sqlalchemy import event, func
+    from sqlalchemy import func
 
     from webapp.extensions import db
     from webapp.models import Conversation, Message, RateLimitHit
@@ -186,17 +196,8 @@ def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make
     with app.app_context():  # three starts from two minutes ago: past the window, due for tidying
         db.session.add_all([RateLimitHit(key=key, at=now - 120, expires_at=now - 60) for _ in range(3)])
         db.session.commit()
-        engine = db.engine
-    statements, me = [], threading.get_ident()
-
-    def record(connection, cursor, statement, *args):
-        if threading.get_ident() == me:
-            statements.append(statement.split(None, 1)[0].upper())
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with statements_of_this_thread(app) as statements:
         first = client.post("/chat/", json={"prompt": "one"}, headers=auth)
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
     assert first.status_code == 200, first.get_json()
     if database_url.startswith("postgresql"):  # SELECT (token), SELECT pg_advisory_xact_lock, WITH, WITH
         assert statements == ["SELECT", "SELECT", "WITH", "WITH"], statements
@@ -219,8 +220,6 @@ def test_a_first_message_on_the_page_opens_its_conversation_in_one_statement(mak
     """The browser door as the bearer one: the session cookie's check is one read run alone (no
     transaction left open), so the page's first message opens its conversation in one statement on
     PostgreSQL, after the person's lock (limits on, the default), and the page follows it."""
-    from sqlalchemy import event
-
     from webapp.extensions import db
     from webapp.models import Conversation, Message
 
@@ -230,18 +229,8 @@ def test_a_first_message_on_the_page_opens_its_conversation_in_one_statement(mak
     ollama.script(reply=REPLY)
     browser = app.test_client()
     token = sign_in(browser)
-    with app.app_context():
-        engine = db.engine
-    statements, me = [], threading.get_ident()
-
-    def record(connection, cursor, statement, *args):
-        if threading.get_ident() == me:
-            statements.append(statement.split(None, 1)[0].upper())
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with statements_of_this_thread(app) as statements:
         response = browser.post("/c/new", data={"prompt": "hello from the page", "csrf_token": token})
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
     assert response.status_code in (302, 303), response.get_data(as_text=True)
     if database_url.startswith("postgresql"):  # the session's read, the person's lock, the opening
         assert statements == ["SELECT", "SELECT", "WITH"], statements
@@ -266,7 +255,7 @@ def test_a_turn_in_an_existing_conversation_claims_it_in_one_statement(make_app,
     saves the answer: the rows are as the general path writes them, prompt before answer. A
     conversation that is busy, not this person's or gone is not claimed: the general path says why,
     and the start is not counted."""
-    from sqlalchemy import event, func
+    from sqlalchemy import func
 
     from webapp.extensions import db
     from webapp.models import Conversation, Message, RateLimitHit
@@ -280,19 +269,9 @@ def test_a_turn_in_an_existing_conversation_claims_it_in_one_statement(make_app,
     ollama.script(reply=REPLY)
     first = client.post("/chat/", json={"prompt": "first"}, headers=auth).get_json()
     conversation_id = first["conversation_id"]
-    with app.app_context():
-        engine = db.engine
-    statements, me = [], threading.get_ident()
-
-    def record(connection, cursor, statement, *args):
-        if threading.get_ident() == me:
-            statements.append(statement.split(None, 1)[0].upper())
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with statements_of_this_thread(app) as statements:
         second = client.post("/chat/", json={"prompt": "second", "conversation_id": conversation_id,
                                               "model": "llama3.2"}, headers=auth)
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
     assert second.status_code == 200, second.get_json()
     body = second.get_json()
     if database_url.startswith("postgresql"):  # token, [lock], the claim with both rows, the context, the save
