@@ -398,3 +398,29 @@ def test_a_call_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
             assert statements == expected
     assert conversations(app) == [("api", "Be brief.", [("user", "hello", "complete"),
                                                         ("assistant", REPLY, "complete")])] * 2
+
+
+def test_a_call_waiting_for_its_answer_does_not_read_it_while_it_is_generated(app, client, key, ollama):
+    """A non-streaming call whose answer is generated in this process waits for it in memory: the
+    request reads no message row while the answer runs (it used to read it once a second), and gets
+    the final answer as its generation saved it."""
+    from sqlalchemy import event
+
+    from webapp.extensions import db
+    words = [f"w{i}" for i in range(25)]
+    ollama.script(reply=" ".join(words), delay=0.1)  # 2.5 s at the model
+    with app.app_context():
+        engine = db.engine
+    reads, me = [], threading.get_ident()
+
+    def record(connection, cursor, statement, *args):
+        if threading.get_ident() == me and statement.lstrip().startswith("SELECT messages."):  # a row read
+            reads.append(statement)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = ask(client, key)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["choices"][0]["message"]["content"] == " ".join(words)
+    assert reads == []

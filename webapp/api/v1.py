@@ -385,10 +385,16 @@ def chat_completions():
 
 
 def wait_or_cancel(message_id, gone):
-    """The final answer; a client that hangs up meanwhile cancels it (OpenAI's semantics)."""
+    """The final answer; a client that hangs up meanwhile cancels it (OpenAI's semantics). An answer
+    generated in this process is waited for in memory, the client checked once a second and the row
+    not read while it runs; one generated elsewhere is followed through its row."""
     while True:
-        final = service.wait_final(message_id, timeout=1.0)
-        if final is None or not service.is_active(final):
+        final = service.wait_here(message_id, timeout=1.0)
+        if final is None:
+            final = service.wait_final(message_id, timeout=1.0)
+            if final is None:
+                return None  # deleted meanwhile
+        if final is not False and not service.is_active(final):
             return final
         if gone():
             service.cancel(message_id)

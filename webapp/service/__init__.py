@@ -30,6 +30,7 @@ from .turns import (
                             start_turn,
                             stop,
                             wait_final,
+                            wait_here,
 )
 from .validation import (
                             check_model,
@@ -46,6 +47,7 @@ __all__ = [
     "list_conversations", "list_messages", "search_conditions", "update_conversation", "export_markdown",
     "Turn", "answer_here", "build_context", "cancel", "follow", "regenerate", "start_exchange", "start_turn", "stop",
     "wait_final",
+    "wait_here",
     "check_model", "known_models", "clean_model", "clean_system_prompt", "clean_text", "clean_title", "option_rules",
     "end_reads", "is_active", "is_answered", "usage_dict",
 ]

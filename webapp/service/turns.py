@@ -403,6 +403,18 @@ def wait_final(message_id, timeout=None):
     return _fresh_message(message_id)
 
 
+def wait_here(message_id, timeout):
+    """An answer generated in this process: wait up to `timeout` for its end. Its final Message once
+    it has ended (from memory where its save succeeded), False while it runs: nothing is read.
+    None when it is not generated here (or no longer is): follow it with wait_final."""
+    live = generations.get(message_id)
+    if live is None:
+        return None
+    if not live.wait_done(timeout):
+        return False
+    return live.final if live.final is not None else _fresh_message(message_id)
+
+
 def _fresh_message(message_id):
     """Read the row anew and release the connection at once (followers may wait for minutes)."""
     db.session.expire_all()
