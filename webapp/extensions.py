@@ -54,6 +54,14 @@ def execute_read(statement, params):
     return db.session.execute(statement, params).all() if rows is None else rows
 
 
+def execute_write(statement, params):
+    """A write of its own (it needs nothing else in its transaction): alone where it can be
+    (execute_alone), else in the session's transaction, committed."""
+    if execute_alone(statement, params) is None:
+        db.session.execute(statement, params)
+        db.session.commit()
+
+
 def _autocommit(engine):
     """The engine's view whose connections run in autocommit (same pool; reset when given back)."""
     view = engine.__dict__.get("_webapp_autocommit")

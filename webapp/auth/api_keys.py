@@ -19,7 +19,7 @@ from flask import g
 from sqlalchemy import bindparam, select, update
 
 from ..errors import ServiceError, invalid, not_found
-from ..extensions import db, execute_alone, execute_read
+from ..extensions import db, execute_read, execute_write
 from ..limits import API_KEY_DAYS_MAX, API_KEY_NAME_MAX
 from ..models import ApiKey, User, utcnow
 from ..service.validation import clean_text
@@ -120,10 +120,7 @@ def verify(key):
     if not values["is_active"]:
         raise InvalidKey("API key is no longer valid")
     if record["last_used_at"] is None or now - record["last_used_at"] >= TOUCH_EVERY:
-        touch = {"b_id": record["id"], "b_now": now}
-        if execute_alone(_TOUCH, touch) is None:
-            db.session.execute(_TOUCH, touch)
-            db.session.commit()
+        execute_write(_TOUCH, {"b_id": record["id"], "b_now": now})
     g.auth_key_id = record["id"]  # what an open stream re-checks (webapp/stream_auth.py)
     g.api_key_limits = (record["max_running"], record["max_per_minute"])  # see service/fairness.limits_of
     return User(**values)

@@ -21,7 +21,7 @@ from flask import current_app, g, request, session
 from flask_login import login_user, user_loaded_from_cookie
 from sqlalchemy import bindparam, delete, select, update
 
-from ..extensions import db, execute_alone, execute_read
+from ..extensions import db, execute_read, execute_write
 from ..models import User, UserSession, utcnow
 
 TOUCH_EVERY = timedelta(minutes=1)
@@ -71,7 +71,7 @@ def load(session_id):
     if not rows:
         return None
     values = rows[0]._asdict()
-    record = {name: values.pop("s_" + name) for name in ("id", "revoked_at", "expires_at", "last_seen_at")}
+    record = {name: values.pop("s_" + name) for name in _SESSION_FIELDS}
     now = utcnow()
     if record["revoked_at"] is not None or record["expires_at"] <= now or not values["is_active"]:
         return None
@@ -83,21 +83,18 @@ def load(session_id):
     g.user_session_expires = record["expires_at"]
     if now - record["last_seen_at"] >= TOUCH_EVERY:
         ip, agent = _client()
-        touch = {"b_id": record["id"], "b_now": now, "b_ip": ip, "b_agent": agent}
-        if execute_alone(_TOUCH, touch) is None:
-            db.session.execute(_TOUCH, touch)
-            db.session.commit()
+        execute_write(_TOUCH, {"b_id": record["id"], "b_now": now, "b_ip": ip, "b_agent": agent})
     return user
 
 
 _SESSIONS = UserSession.__table__
-_LOAD = (select(*(_SESSIONS.c[name].label("s_" + name) for name in ("id", "revoked_at", "expires_at", "last_seen_at")),
-                User.__table__)
+_SESSION_FIELDS = ("id", "revoked_at", "expires_at", "last_seen_at")  # read beside the user's row, as s_<name>
+_LOAD = (select(*(_SESSIONS.c[name].label("s_" + name) for name in _SESSION_FIELDS), User.__table__)
          .join(User.__table__, User.__table__.c.id == _SESSIONS.c.user_id)
          .where(_SESSIONS.c.token_hash == bindparam("b_token_hash")))
 _TOUCH = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_id"))
           .values(last_seen_at=bindparam("b_now"), ip=bindparam("b_ip"), user_agent=bindparam("b_agent"))
-          .returning(_SESSIONS.c.id))  # RETURNING: execute_alone fetches rows
+          .returning(_SESSIONS.c.id))  # RETURNING: a write run alone fetches its rows
 
 
 def current_id():
