@@ -81,6 +81,28 @@ def test_missing_forged_and_expired_tokens_are_401_with_rfc6750_challenges(app, 
     assert garbage.status_code == 401 and 'error="invalid_token"' in garbage.headers["WWW-Authenticate"]
 
 
+def test_a_token_is_decoded_once_but_its_expiry_is_checked_on_every_use(app, client, user, monkeypatch):
+    """The signature check is remembered per token (webapp/auth/tokens._decoded); the expiry is not."""
+    from webapp.auth import tokens
+
+    token = login_token(client)
+    headers = {"Authorization": f"Bearer {token}"}
+    decoded = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(tokens.jwt, "decode", lambda *a, **k: decoded.append(a[0]) or real_decode(*a, **k))
+    tokens._decoded.cache_clear()
+    for _ in range(3):
+        assert client.get("/conversations", headers=headers).status_code == 200
+    assert decoded == [token]
+    # The same remembered token, an hour and a second later: expired, though never decoded again.
+    later = time.time() + 3601
+    monkeypatch.setattr(tokens.time, "time", lambda: later)
+    response = client.get("/conversations", headers=headers)
+    assert response.status_code == 401 and decoded == [token]
+    assert response.headers["WWW-Authenticate"] == \
+        'Bearer realm="api", error="invalid_token", error_description="token has expired"'
+
+
 def test_a_signed_token_naming_an_impossible_user_id_is_invalid_not_a_500(app, client, user):
     """Only a holder of SECRET_KEY can sign one, but the answer must still be 401, not PostgreSQL's
     integer overflow."""

@@ -74,18 +74,25 @@ class Live:
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
         self.final = None  # the answer's row as its final save committed it (a detached Message)
         self._ended = threading.Event()  # set with `done`: what wait_done waits on, not woken by each token
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # the generation's own wait for a slot at the model
+        # The followers waiting for news, each by its own Event, reused from one wait to the next:
+        # a Condition allocates a lock per wait, which was 5 % of the app's CPU in a burst of streams.
+        self._followers = set()
 
     def append(self, text):
-        with self._cond:
-            self.text += text
-            self._cond.notify_all()
+        self.text += text  # one writer (the generation); readers see the old text or the new one
+        self._news()
+
+    def _news(self):
+        for news in tuple(self._followers):  # a copy: a follower may come or go meanwhile
+            news.set()
 
     def place(self, position):
         """The watchdog's news: a new place in line, or None once admitted (wakes the waiter)."""
         with self._cond:
             self.position = position
             self._cond.notify_all()
+        self._news()  # followers tell their place in line at once
 
     def wait_turn(self, timeout):
         """Block until admitted, aborted or the timeout (not woken by anything else)."""
@@ -93,18 +100,23 @@ class Live:
             self._cond.wait_for(lambda: self.position is None or self.cancelled, timeout)
 
     def finish(self):
-        with self._cond:
-            self.done = True
-            self._cond.notify_all()
+        self.done = True
         self._ended.set()
+        self._news()
 
-    def wait(self, seen, timeout):
-        """Block until there is text past `seen` characters, the end, or the timeout."""
-        with self._cond:
-            self._cond.wait_for(lambda: len(self.text) > seen or self.done, timeout)
+    def wait(self, seen, timeout, news):
+        """Block until there is text past `seen` characters, the end, or the timeout. `news` is the
+        follower's own threading.Event (the same one at every wait of that follower)."""
+        news.clear()  # before the check: news arriving after it sets the event again, none is lost
+        self._followers.add(news)
+        try:
+            if len(self.text) <= seen and not self.done:
+                news.wait(timeout)
+        finally:
+            self._followers.discard(news)
 
     def wait_done(self, timeout):
-        """Block until the end (or the timeout), not woken by each token (the condition is); True if ended."""
+        """Block until the end (or the timeout), not woken by each token (Live.wait is); True if ended."""
         return self._ended.wait(timeout)
 
     def abort(self, interrupted=False):
@@ -112,6 +124,7 @@ class Live:
         with self._cond:
             self.cancelled = True
             self._cond.notify_all()
+        self._news()
         self.upstream()
 
 

@@ -1,6 +1,7 @@
 """A turn: save the prompt, claim the conversation and create the answer in one transaction, hand
 generation to the background (webapp/generation.py), and let callers follow it. No database
 connection is held while waiting on the LLM; every read and write here is a short transaction."""
+import threading
 import time
 from dataclasses import dataclass
 
@@ -326,6 +327,7 @@ def follow(message_id, since=0, poll=0.3, keepalive=10.0):
 def _follow(message_id, sent, poll, keepalive, subscription):
     idle_since, read_row, announced, last_read = time.monotonic(), True, False, 0.0
     last_news, place, live, first = last_read, None, None, True
+    news = threading.Event()  # this follower's wake-up from a live generation here (Live.wait)
     while True:
         # A generation saved here ends from memory (Live.final: the row as committed), so a burst of
         # streams ending together costs no read each; one whose save failed is read from the row.
@@ -335,7 +337,7 @@ def _follow(message_id, sent, poll, keepalive, subscription):
             if live.position is not None and live.position != place:
                 place = live.position
                 yield "queued", place
-            live.wait(sent, timeout=poll)
+            live.wait(sent, poll, news)
             final = live.final
             if final is not None:
                 if len(final.content) > sent:
