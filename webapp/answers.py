@@ -51,6 +51,7 @@ from .models import (
     Conversation,
     IdempotencyKey,
     Message,
+    detached,
     stored_text,
     utcnow,
 )
@@ -151,10 +152,10 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     (conversation_id, prompt_id, answer_id, *checks), = rows_written
     if guard is not None:
         guard.check(checks)
-    conversation = Conversation(id=conversation_id, **{**values, "message_count": len(rows),
-                                                       "active_message_id": answer_id})
+    conversation = detached(Conversation, id=conversation_id, **{**values, "message_count": len(rows),
+                                                                 "active_message_id": answer_id})
     prompt_row, answer_row = ({**row, "conversation_id": conversation_id} for row in rows)
-    return conversation, Message(id=prompt_id, **prompt_row), Message(id=answer_id, **answer_row)
+    return conversation, detached(Message, id=prompt_id, **prompt_row), detached(Message, id=answer_id, **answer_row)
 
 
 def _run_guarded(statement, kind, params, guard):
@@ -191,10 +192,10 @@ def continue_conversation(user_id, conversation_id, prompt, model, keep_model, r
         guard.check(checks)
     if answer_id is None:
         return None
-    conversation = Conversation(**dict(zip(_CLAIMED_COLUMNS, claimed, strict=True)), updated_at=now,
-                                active_message_id=answer_id)
+    conversation = detached(Conversation, **dict(zip(_CLAIMED_COLUMNS, claimed, strict=True)), updated_at=now,
+                            active_message_id=answer_id)
     rows[1]["model"] = conversation.model if model is None else model
-    return conversation, Message(id=prompt_id, **rows[0]), Message(id=answer_id, **rows[1])
+    return conversation, detached(Message, id=prompt_id, **rows[0]), detached(Message, id=answer_id, **rows[1])
 
 
 def _labelled(values):
@@ -287,7 +288,7 @@ def _row(conversation_id, role, content, status, model, request_id, heartbeat_at
 def _insert_messages(rows):
     """One INSERT for the rows (dicts with the same keys), in order; returns Message copies with their ids."""
     ids = db.session.execute(_INSERT_MESSAGES, rows).scalars().all()
-    return [Message(id=message_id, **row) for message_id, row in zip(ids, rows, strict=True)]
+    return [detached(Message, id=message_id, **row) for message_id, row in zip(ids, rows, strict=True)]
 
 
 def _claim(conversation_id, answer_id, message_count, now):

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from . import answers, llm
 from .extensions import db
 from .logs import request_id_var
-from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, ms, stored_text
+from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, detached, ms, stored_text
 
 log = logging.getLogger(__name__)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
@@ -418,9 +418,10 @@ class Generation:
                                                             self.live.text, code, error, usage))
         if self.saved:
             # Followers here end with this instead of reading the row back (SafeText stores NUL as U+FFFD).
-            self.live.final = Message(id=job.message_id, conversation_id=job.conversation_id, role="assistant",
-                                      content=stored_text(self.live.text), status=status, error_code=code,
-                                      error=error, model=job.model, request_id=job.request_id, **usage)
+            self.live.final = detached(Message, id=job.message_id, conversation_id=job.conversation_id,
+                                       role="assistant", content=stored_text(self.live.text), status=status,
+                                       error_code=code, error=error, model=job.model, request_id=job.request_id,
+                                       **usage)
         self._log(status, code, final)
 
     def _wait_for_slot(self):

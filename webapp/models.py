@@ -3,7 +3,8 @@ from datetime import UTC, datetime
 
 from flask_login import UserMixin
 from sqlalchemy import BigInteger, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text, text
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, configure_mappers, mapped_column, relationship
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from .auth import hashing
 from .extensions import db
@@ -29,6 +30,15 @@ class UTCDateTime(db.TypeDecorator):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
+
+
+def detached(cls, **values):
+    """A copy of a row written or read with Core, tracked by no session, made the way SQLAlchemy's
+    own loading makes instances: no __init__ and no attribute events (1 µs, where `cls(**values)`
+    takes 12, and a turn makes five). A column it was not given reads None, as on a new instance."""
+    instance = manager_of_class(cls).new_instance()
+    instance.__dict__.update(values)
+    return instance
 
 
 def stored_text(value):
@@ -331,3 +341,8 @@ class RevokedToken(db.Model):
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+# Every mapped class is above: set their attributes up now, not at the first ORM query, so that
+# detached() copies are readable in a request that runs nothing but Core (a bearer token's check).
+configure_mappers()

@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, select, update
 from ..errors import ServiceError, invalid, not_found
 from ..extensions import db, execute_read, execute_write
 from ..limits import API_KEY_DAYS_MAX, API_KEY_NAME_MAX
-from ..models import ApiKey, User, utcnow
+from ..models import ApiKey, User, detached, utcnow
 from ..service.validation import clean_text
 
 PREFIX = "llmk_"
@@ -123,7 +123,7 @@ def verify(key):
         execute_write(_TOUCH, {"b_id": record["id"], "b_now": now})
     g.auth_key_id = record["id"]  # what an open stream re-checks (webapp/stream_auth.py)
     g.api_key_limits = (record["max_running"], record["max_per_minute"])  # see service/fairness.limits_of
-    return User(**values)
+    return detached(User, **values)
 
 
 _KEYS, _USERS = ApiKey.__table__, User.__table__

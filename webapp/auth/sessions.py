@@ -22,7 +22,7 @@ from flask_login import login_user, user_loaded_from_cookie
 from sqlalchemy import bindparam, delete, select, update
 
 from ..extensions import db, execute_read, execute_write
-from ..models import User, UserSession, utcnow
+from ..models import User, UserSession, detached, utcnow
 
 TOUCH_EVERY = timedelta(minutes=1)
 
@@ -75,7 +75,7 @@ def load(session_id):
     now = utcnow()
     if record["revoked_at"] is not None or record["expires_at"] <= now or not values["is_active"]:
         return None
-    user = User(**values)
+    user = detached(User, **values)
     user.session_token = token
     g.user_name = user.username  # for the access log line
     g.user_session_id = record["id"]

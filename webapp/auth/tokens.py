@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..extensions import db, execute_read
 from ..limits import MAX_ID
-from ..models import RevokedToken, User, utcnow
+from ..models import RevokedToken, User, detached, utcnow
 
 ALGORITHM = "HS256"
 JTI_MAX = 64  # the column's width; ours are 32 hex characters
@@ -83,7 +83,7 @@ def verify(token):
     if not values["is_active"] or claims.get("ver") != values["token_version"]:
         raise TokenError("token is no longer valid")
     g.auth_jti = claims["jti"]  # what an open stream re-checks (webapp/stream_auth.py)
-    return User(**values)
+    return detached(User, **values)
 
 
 _USERS, _REVOKED = User.__table__, RevokedToken.__table__

@@ -11,7 +11,7 @@ from ..errors import ServiceError, not_found
 from ..extensions import db
 from ..generation import generations
 from ..limits import MAX_ID
-from ..models import SOURCE_API, SOURCE_WEB, Conversation, Message, stored_text, utcnow
+from ..models import SOURCE_API, SOURCE_WEB, Conversation, Message, detached, stored_text, utcnow
 from . import search
 from .search import search_conditions  # noqa: F401  (the façade exports it)
 from .validation import as_id, check_model, clean_system_prompt, clean_title
@@ -47,7 +47,7 @@ def create_conversation(user, title=None, model=None, system_prompt="", commit=T
     conversation_id = db.session.execute(_INSERT_CONVERSATION, values).scalar_one()
     if commit:
         db.session.commit()
-    return Conversation(id=conversation_id, **values)
+    return detached(Conversation, id=conversation_id, **values)
 
 
 def update_conversation(user, conversation_id, title=None, model=None, system_prompt=None):
