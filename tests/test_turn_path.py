@@ -306,3 +306,49 @@ def test_a_turn_in_an_existing_conversation_claims_it_in_one_statement(make_app,
         assert db.session.scalar(select(func.count()).select_from(RateLimitHit)) == (3 if limits else 0)
         assert db.session.scalar(select(func.count()).select_from(Message).where(
             Message.conversation_id == conversation_id)) == 6
+
+
+@pytest.mark.parametrize("limits", [0, 2], ids=["limits-off", "limits-on"])
+def test_a_v1_call_with_history_opens_its_conversation_in_one_statement(make_app, ollama, database_url, limits):
+    """The OpenAI-compatible door's usual call (a system prompt, earlier messages, then the prompt,
+    no conversation named): on PostgreSQL the conversation, every earlier message, the prompt and the
+    answer are written in one statement (after the person's lock when the limits are on). The rows
+    keep the client's order, and the model gets exactly the client's messages."""
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+
+    from helpers import login_token, make_user
+    app = make_app(USER_MAX_RUNNING=limits, USER_MAX_PER_MINUTE=limits * 10, LLM_MAX_PARALLEL=0)
+    make_user(app)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {login_token(client)}"}
+    ollama.script(reply=REPLY)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "раз"},
+                {"role": "assistant", "content": "one"}, {"role": "user", "content": "nul\x00here"},
+                {"role": "assistant", "content": "two"}, {"role": "user", "content": "три?"}]
+    with statements_of_this_thread(app) as statements:
+        response = client.post("/v1/chat/completions", json={"model": "tinyllama", "messages": messages},
+                               headers=auth)
+    assert response.status_code == 200, response.get_json()
+    if database_url.startswith("postgresql"):  # token, [lock], the opening with every row (saved by its task)
+        assert statements == ["SELECT", *(["SELECT"] if limits else []), "WITH"], statements
+    assert ollama.chat_requests[-1]["messages"] == messages
+    conversation_id = int(response.headers["X-Conversation-Id"])
+    with app.app_context():
+        conversation = db.session.get(Conversation, conversation_id)
+        rows = db.session.scalars(select(Message).where(Message.conversation_id == conversation_id)
+                                  .order_by(Message.id)).all()
+        assert (conversation.system_prompt, conversation.source, conversation.message_count,
+                conversation.active_message_id, conversation.title) == ("Be brief.", "api", 6, None, "три?")
+        assert [(m.role, m.content, m.status) for m in rows] == [
+            ("user", "раз", "complete"), ("assistant", "one", "complete"), ("user", "nul\ufffdhere", "complete"),
+            ("assistant", "two", "complete"), ("user", "три?", "complete"), ("assistant", REPLY, "complete")]
+        assert rows[-1].model == "tinyllama" and len({m.request_id for m in rows}) == 1
+    # The history as stored, continued in that conversation: only what is new is stored.
+    messages[3]["content"] = "nul\ufffdhere"
+    messages += [{"role": "assistant", "content": REPLY}, {"role": "user", "content": "four"}]
+    again = client.post("/v1/chat/completions", json={"model": "tinyllama", "messages": messages},
+                        headers={**auth, "X-Conversation-Id": str(conversation_id)})
+    assert again.status_code == 200 and again.headers["X-Conversation-Id"] == str(conversation_id)
+    with app.app_context():
+        assert db.session.get(Conversation, conversation_id).message_count == 8

@@ -21,6 +21,8 @@ from datetime import timedelta
 
 from flask import current_app
 from sqlalchemy import (
+    ARRAY,
+    Text,
     bindparam,
     delete,
     exists,
@@ -128,7 +130,7 @@ def open_answer(conversation, model, request_id, prompt=None, replaces=None, is_
                                                  "wait for it or stop it first")
 
 
-def open_in_new_conversation(values, model, request_id, prompt, queued=False, guard=None):
+def open_in_new_conversation(values, model, request_id, prompt, queued=False, guard=None, earlier=()):
     """A turn that starts a conversation, on PostgreSQL with no transaction open and no
     Idempotency-Key: the conversation, the prompt and the answer written and the conversation claimed
     in ONE statement on a connection in autocommit, so it is its own transaction (all or nothing, as
@@ -138,6 +140,7 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     `guard`: the per-person limits folded in (service.fairness.Guard): its lock is taken first in a
     transaction of the statement's own (BEGIN, lock, the statement, COMMIT), its check decides inside
     the statement whether anything is written, and `guard.check(row)` raises the refusal.
+    `earlier`: [(role, content)] written complete before the prompt (/v1's history), as open_answer's.
     Returns (conversation, prompt_message, answer) copies as open_answer does, or None where this
     does not apply: the caller takes the general path."""
     now = values["created_at"]
@@ -146,13 +149,18 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     params = {**{"c_" + name: values[name] for name in _NEW_CONVERSATION_COLUMNS},
               "p_content": rows[0]["content"], "a_status": rows[1]["status"], "a_model": model,
               "b_request_id": request_id, "b_now": now}
-    rows_written = _run_guarded(_OPEN_NEW, "new", params, guard)
+    kind = "new"
+    if earlier:
+        kind = "new_after"
+        params["e_roles"] = [role for role, _ in earlier]
+        params["e_contents"] = [stored_text(content) for _, content in earlier]
+    rows_written = _run_guarded(_OPEN_NEW[kind], kind, params, guard)
     if rows_written is None:
         return None
     (conversation_id, prompt_id, answer_id, *checks), = rows_written
     if guard is not None:
         guard.check(checks)
-    conversation = detached(Conversation, id=conversation_id, **{**values, "message_count": len(rows),
+    conversation = detached(Conversation, id=conversation_id, **{**values, "message_count": len(earlier) + 2,
                                                                  "active_message_id": answer_id})
     prompt_row, answer_row = ({**row, "conversation_id": conversation_id} for row in rows)
     return conversation, detached(Message, id=prompt_id, **prompt_row), detached(Message, id=answer_id, **answer_row)
@@ -209,37 +217,50 @@ def _message_values(m, role, content, status, model, heartbeat_at, **more):
             "created_at": bindparam("b_now", type_=m.created_at.type), "cancel_requested": false()}
 
 
-def open_new_statement(guard=None):
+def open_new_statement(guard=None, earlier=False):
     """open_in_new_conversation's statement: the conversation's id drawn first (nextval), so the
     messages can point at it and it at its answer within one statement (the messages' foreign key
     is checked at the statement's end); the rows go in ordered, prompt before answer, as
     SQLAlchemy's own ordered multi-row INSERT relies on. Returns (conversation id, prompt id,
     answer id, *guard.report). `guard`: service.fairness's SQL of the per-person limits; the rows
-    are written only where `guard.allowed` holds, and its writes (counting the start) with them."""
+    are written only where `guard.allowed` holds, and its writes (counting the start) with them.
+    `earlier`: the statement also writes, before the prompt and complete, the messages given as the
+    arrays e_roles and e_contents (in order: unnest's ordinality)."""
     m, c = MESSAGES.c, CONVERSATIONS.c
     new_id = select(func.nextval(func.pg_get_serial_sequence("conversations", "id")).label("id")).cte("new_id")
     when = (guard.allowed,) if guard is not None else ()
 
     def message(order, role, content, status, model, heartbeat_at):
         values = _message_values(m, role, content, status, model, heartbeat_at, conversation_id=new_id.c.id)
-        return select(literal(order).label("ord"), *_labelled(values))
-    both = union_all(
-        message(0, "user", bindparam("p_content", type_=m.content.type), literal(COMPLETE, m.status.type),
-                null(), null()),
-        message(1, "assistant", literal("", m.content.type), bindparam("a_status", type_=m.status.type),
-                bindparam("a_model", type_=m.model.type), bindparam("b_now", type_=m.heartbeat_at.type))).subquery()
+        return select(literal(0).label("part"), literal(order).label("ord"), *_labelled(values))
+    parts = [message(1, "user", bindparam("p_content", type_=m.content.type), literal(COMPLETE, m.status.type),
+                     null(), null()),
+             message(2, "assistant", literal("", m.content.type), bindparam("a_status", type_=m.status.type),
+                     bindparam("a_model", type_=m.model.type), bindparam("b_now", type_=m.heartbeat_at.type))]
+    if earlier:
+        given = func.unnest(bindparam("e_roles", type_=ARRAY(m.role.type)),
+                            bindparam("e_contents", type_=ARRAY(Text()))).table_valued(
+            "role", "content", with_ordinality="ord").render_derived()
+        # A cross join with the one-row new_id: every given message points at the new conversation.
+        values = {**_message_values(m, "", given.c.content, literal(COMPLETE, m.status.type), null(), null(),
+                                    conversation_id=new_id.c.id), "role": given.c.role}
+        # Last in the UNION (the ORDER BY puts them first): its NULLs take the answer's column types.
+        parts.append(select(literal(-1).label("part"), given.c.ord.label("ord"), *_labelled(values))
+                     .join_from(given, new_id, true()))
+    rows = union_all(*parts).subquery()
     columns = [m.conversation_id, m.role, m.content, m.status, m.model, m.request_id, m.heartbeat_at, m.created_at,
                m.cancel_requested]
-    added = insert(MESSAGES).from_select(columns, select(*list(both.c)[1:]).where(*when).order_by(both.c.ord)
-                                         ).returning(m.id).cte("added")
+    added = insert(MESSAGES).from_select(columns, select(*list(rows.c)[2:]).where(*when).order_by(
+        rows.c.part, rows.c.ord)).returning(m.id).cte("added")
+    last, count = (select(aggregate(added.c.id)).scalar_subquery() for aggregate in (func.max, func.count))
     names = _NEW_CONVERSATION_COLUMNS
     conversation = insert(CONVERSATIONS).from_select(
         [c.id, c.message_count, c.active_message_id, *(c[name] for name in names)],
-        select(new_id.c.id, literal(2), select(func.max(added.c.id)).scalar_subquery(),
+        select(new_id.c.id, count, last,
                *(bindparam("c_" + name, type_=c[name].type) for name in names)).where(*when)).cte("conversation")
     report, writes = (guard.report, guard.writes(true())) if guard is not None else ((), ())
-    return select(new_id.c.id, select(func.min(added.c.id)).scalar_subquery(),
-                  select(func.max(added.c.id)).scalar_subquery(), *report).add_cte(conversation, *writes)
+    prompt = select(func.max(added.c.id)).where(added.c.id < last).scalar_subquery()
+    return select(new_id.c.id, prompt, last, *report).add_cte(conversation, *writes)
 
 
 def open_next_statement(guard=None):
@@ -275,7 +296,7 @@ def open_next_statement(guard=None):
 
 _NEW_CONVERSATION_COLUMNS = ("user_id", "title", "model", "system_prompt", "source", "created_at", "updated_at")
 _CLAIMED_COLUMNS = ("id", "user_id", "title", "model", "system_prompt", "message_count", "source", "created_at")
-_OPEN_NEW = open_new_statement()
+_OPEN_NEW = {"new": open_new_statement(), "new_after": open_new_statement(earlier=True)}
 _OPEN_NEXT = open_next_statement()
 
 

@@ -108,10 +108,10 @@ def take_turn(user):
 @dataclass(frozen=True)
 class Guard:
     """take_turn folded into a turn's one-statement start (answers.open_in_new_conversation,
-    answers.continue_conversation): the lock to take first, the guarded statements ("new", "next")
-    and their parameters, and `check(row)`, which raises the refusal a statement reported. The same
-    rule as take_turn, decided inside the statement: the counts, the tidy-up and the start's row
-    are written only where the limits allow (and the turn went ahead)."""
+    answers.continue_conversation): the lock to take first, the guarded statements ("new",
+    "new_after", "next") and their parameters, and `check(row)`, which raises the refusal a
+    statement reported. The same rule as take_turn, decided inside the statement: the counts, the
+    tidy-up and the start's row are written only where the limits allow (and the turn went ahead)."""
     statements: dict
     lock: tuple
     params: dict
@@ -165,4 +165,6 @@ class _GuardSQL:
         return tidy, start
 
 
-_GUARDED = {"new": answers.open_new_statement(_GuardSQL()), "next": answers.open_next_statement(_GuardSQL())}
+_GUARDED = {"new": answers.open_new_statement(_GuardSQL()),
+            "new_after": answers.open_new_statement(_GuardSQL(), earlier=True),
+            "next": answers.open_next_statement(_GuardSQL())}

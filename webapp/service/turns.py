@@ -87,13 +87,14 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
                  model=model, options=options)
 
 
-def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB):
+def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB, earlier=()):
     """A new conversation with its prompt and answer in one statement (answers.open_in_new_conversation),
-    the per-person limits decided inside it when they are on (the caller checked there is no key):
-    the (conversation, prompt, answer) it wrote, or None for the general path."""
+    after the `earlier` messages [(role, content)] when there are any, the per-person limits decided
+    inside it when they are on (the caller checked there is no key): the (conversation, prompt,
+    answer) it wrote, or None for the general path."""
     values = conversation_values(user, title_from(prompt), model, system_prompt, source)
     return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on(),
-                                            guard=guard_for(user))
+                                            guard=guard_for(user), earlier=earlier)
 
 
 def _continue_alone(user, conversation_id, prompt, model, keep_model, request_id):
@@ -202,15 +203,16 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
             if len(system) > SYSTEM_PROMPT_MAX:
                 system = ""  # too long for the conversation's system prompt: stored as a message instead
             stored = 1 if system else 0
-            if stored == len(messages) - 1 and claim is None:  # nothing to store but the prompt
-                opened = _open_alone(user, prompt, model, request_id, system, SOURCE_API)
+        # The messages past the stored ones go in with the prompt, in each of open_answer's attempts:
+        # added here, a retry after freeing an orphaned answer (its rollback) would lose them.
+        earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
+        if conversation is None:
+            if claim is None:  # nothing to run first: the whole exchange in one statement
+                opened = _open_alone(user, prompt, model, request_id, system, SOURCE_API, earlier)
                 if opened is not None:
                     return _launch(*opened, options, None, context=list(messages))
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
                                                commit=False, source=SOURCE_API)
-        # The messages past the stored ones go in with the prompt, in each of open_answer's attempts:
-        # added here, a retry after freeing an orphaned answer (its rollback) would lose them.
-        earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
         prompt_message, answer = answers.open_answer(conversation, model, request_id, prompt=prompt,
                                                      is_live=generations.is_live, queued=_queue_on(),
                                                      guard=_guard(user, claim), earlier=earlier)
