@@ -249,6 +249,10 @@ class Sse:
                 self.data.append(line[5:].lstrip())
 
 
+V1_HISTORY = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "and then?"}]
+
+
 class Client:
     def __init__(self, app_url, model_url, token=None):
         self.app_url, self.model_url = app_url, model_url
@@ -288,6 +292,19 @@ class Client:
         result = json.loads(data) if ok else None
         ok = ok and result.get("status") == "complete"
         return took, ok, result
+
+    async def v1_turn(self):
+        """The OpenAI SDK's usual call: a system prompt and two earlier messages sent with the prompt,
+        no conversation named (each call opens one with the whole history)."""
+        body = {"model": MODEL, "messages": V1_HISTORY}
+        started = time.perf_counter()
+        async with self.session.post(self.app_url + "/v1/chat/completions", data=json.dumps(body),
+                                     headers=self.auth()) as r:
+            data = await r.read()
+            took = time.perf_counter() - started
+            ok = r.status == 200
+        ok = ok and json.loads(data)["choices"][0]["finish_reason"] == "stop"
+        return took, ok, None
 
     def direct_body(self, prompt="hi"):
         return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True})
@@ -441,7 +458,7 @@ async def latency(client, cpu, turns, repeats, out):
 
     async def next_turn():
         return await client.app_turn("and then?", next(next_chat))
-    kinds = {"app": client.app_turn, "direct": client.direct_turn, "next": next_turn}
+    kinds = {"app": client.app_turn, "direct": client.direct_turn, "next": next_turn, "v1": client.v1_turn}
     medians = {k: [] for k in kinds}
     p99s = {k: [] for k in kinds}
     errors = {k: 0 for k in kinds}
@@ -477,7 +494,8 @@ async def latency(client, cpu, turns, repeats, out):
     mt = {k: statistics.median(v) for k, v in ttft.items()}
     out.append("## 1. Added latency per turn (c=1, PostgreSQL, bearer token)\n")
     out.append(f"{repeats} interleaved repeats of {turns} sequential turns each (app, direct, app in an existing "
-               f"conversation, then app again…; the existing ones are ten conversations taken in turn); "
+               f"conversation, `/v1` with history, then app again…; the existing ones are ten conversations "
+               f"taken in turn); "
                f"median over repeats of each repeat's p50 / p99. The model answers 20 tokens at once. "
                f"TTFT: streamed `POST /chat/` (`\"stream\": true`, SSE) vs a streamed `/api/chat` straight to the "
                f"model server, {max(20, turns // 4)} per repeat.\n")
@@ -493,20 +511,22 @@ async def latency(client, cpu, turns, repeats, out):
                f"**{ms(mm['next'] - mm['direct'], 2)}** |")
     out.append(f"| turn in an existing conversation p99 (ms) | {ms(mp['next'], 2)} | {ms(mp['direct'], 2)} | "
                f"**{ms(mp['next'] - mp['direct'], 2)}** |")
+    out.append(f"| `/v1/chat/completions` with a 4-message history p50 (ms) | {ms(mm['v1'], 2)} | "
+               f"{ms(mm['direct'], 2)} | **{ms(mm['v1'] - mm['direct'], 2)}** |")
     out.append(f"| streamed TTFT p50 (ms) | {ms(mt['app'], 2)} | {ms(mt['direct'], 2)} | "
                f"**{ms(mt['app'] - mt['direct'], 2)}** |")
-    out.append(f"| errors | {errors['app']} | {errors['direct']} | |")
+    out.append(f"| errors | {errors['app'] + errors['next'] + errors['v1']} | {errors['direct']} | |")
     out.append("")
     out.append("CPU milliseconds per non-streaming turn, by process (user + system from /proc, summed over the "
                "timed blocks; `box` is the whole machine, so `box` minus the rest is other agents' load):\n")
-    out.append("| process | app turn | app turn, existing conversation | direct turn |")
-    out.append("| --- | --- | --- | --- |")
+    out.append("| process | app turn | app turn, existing conversation | `/v1` with history | direct turn |")
+    out.append("| --- | --- | --- | --- | --- |")
     for name in ("app", "postgres", "model", "client", "box"):
         label = {"app": "app (gunicorn master + workers)", "postgres": "PostgreSQL (all its processes)",
                  "model": "model server", "client": "load tool (this process)",
                  "box": "whole box (all processes, 2 cores)"}[name]
         out.append(f"| {label} | " + " | ".join(f"{cpu_used[kind].get(name, 0) / counted[kind] * 1000:.2f}"
-                                                for kind in ("app", "next", "direct")) + " |")
+                                                for kind in ("app", "next", "v1", "direct")) + " |")
     out.append("")
 
 
