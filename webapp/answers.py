@@ -154,7 +154,7 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
         kind = "new_after"
         params["e_roles"] = [role for role, _ in earlier]
         params["e_contents"] = [stored_text(content) for _, content in earlier]
-    rows_written = _run_guarded(_OPEN_NEW[kind], kind, params, guard)
+    rows_written = _run_guarded(kind, params, guard)
     if rows_written is None:
         return None
     (conversation_id, prompt_id, answer_id, *checks), = rows_written
@@ -166,11 +166,11 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     return conversation, detached(Message, id=prompt_id, **prompt_row), detached(Message, id=answer_id, **answer_row)
 
 
-def _run_guarded(statement, kind, params, guard):
-    """One of the one-statement starts, alone: as it is, or with the guard's lock taken first and
-    its own version of the statement (guard.statements[kind]) in a transaction of their own."""
+def _run_guarded(kind, params, guard):
+    """One of the one-statement starts (_STARTS[kind]), alone: as it is, or with the guard's lock taken
+    first and its own version of the statement (guard.statements[kind]) in a transaction of their own."""
     if guard is None:
-        return execute_alone(statement, params)
+        return execute_alone(_STARTS[kind], params)
     return execute_alone(guard.statements[kind], {**params, **guard.params}, first=guard.lock)
 
 
@@ -191,7 +191,7 @@ def continue_conversation(user_id, conversation_id, prompt, model, keep_model, r
     params = {"b_conversation_id": conversation_id, "b_user_id": user_id, "b_now": now, "b_request_id": request_id,
               "c_model": model if keep_model else None, "p_content": rows[0]["content"],
               "a_status": rows[1]["status"], "a_model": model}
-    rows_written = _run_guarded(_OPEN_NEXT, "next", params, guard)
+    rows_written = _run_guarded("next", params, guard)
     if rows_written is None:
         return None
     (prompt_id, answer_id, *values), = rows_written
@@ -296,8 +296,8 @@ def open_next_statement(guard=None):
 
 _NEW_CONVERSATION_COLUMNS = ("user_id", "title", "model", "system_prompt", "source", "created_at", "updated_at")
 _CLAIMED_COLUMNS = ("id", "user_id", "title", "model", "system_prompt", "message_count", "source", "created_at")
-_OPEN_NEW = {"new": open_new_statement(), "new_after": open_new_statement(earlier=True)}
-_OPEN_NEXT = open_next_statement()
+# The one-statement starts without a guard; service.fairness builds the guarded ones, by the same kinds.
+_STARTS = {"new": open_new_statement(), "new_after": open_new_statement(earlier=True), "next": open_next_statement()}
 
 
 def _row(conversation_id, role, content, status, model, request_id, heartbeat_at, now):

@@ -394,11 +394,9 @@ def wait_final(message_id, timeout=None):
     """Block until the message is final (or the timeout): the non-streaming API's way to answer.
     Generated here: wait for its end without waking per token. Elsewhere: follow its row."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    live = generations.get(message_id)
-    if live is not None:
-        if live.wait_done(timeout) and live.final is not None:
-            return live.final  # saved here: the row as its final write committed it, not read back
-        return _fresh_message(message_id)
+    final = wait_here(message_id, timeout)
+    if final is not None:
+        return _fresh_message(message_id) if final is False else final
     for kind, value in follow(message_id):
         if kind == "done":
             return value
