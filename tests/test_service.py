@@ -134,6 +134,24 @@ def test_a_new_turn_uses_few_statements(app, alice, ollama, fairness):
     assert db.session.scalar(select(func.count()).select_from(db.Model.metadata.tables["messages"])) == 4
 
 
+def test_a_background_answer_is_read_in_windows_and_followed_one_event_per_window(app, alice, ollama, monkeypatch):
+    """A generation in the background reads the model once per GATHER_SECONDS after its first token
+    (llm.Gathering), and its follower wakes and sends once per read, not once per token."""
+    import time
+
+    from webapp import generation, service
+    monkeypatch.setattr(generation, "GATHER_SECONDS", 0.3)
+    words = [f"w{index} " for index in range(20)]
+    ollama.script(reply="".join(words), delay=0.02)
+    turn = service.start_turn(alice, "count")
+    started = time.monotonic()
+    events = list(service.follow(turn.message_id))
+    elapsed = time.monotonic() - started
+    tokens = [value for kind, value in events if kind == "token"]
+    assert "".join(tokens) == "".join(words) and events[-1][1].content == "".join(words)
+    assert len(tokens) <= elapsed / 0.3 + 3 < len(words)
+
+
 def test_a_follower_ends_with_the_answer_not_after_its_gathering_window(app, alice, ollama, monkeypatch):
     """A follower gathers tokens for COALESCE_SECONDS before sending them on; the answer's end cuts that
     short (Live.ended), so a stream is never held back once its answer is whole."""

@@ -31,6 +31,9 @@ from .logs import request_id_var
 from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, detached, ms, stored_text
 
 log = logging.getLogger(__name__)
+# A generation in the background reads the model at most once per this long after its first token
+# (llm.Gathering), so its followers wake once per window too, not once per token (DESIGN: 25-50 ms).
+GATHER_SECONDS = 0.05
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
 QUEUE_TIMEOUT_MESSAGE = "the model was busy with other answers for too long; try again in a while"
 
@@ -71,6 +74,7 @@ class Live:
         self.cancelled = False
         self.interrupted = False  # the server is shutting down, not the user pressing Stop
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
+        self.gathered = False  # the generation reads the model in windows: followers need gather no more
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
         self.final = None  # the answer's row as its final save committed it (a detached Message)
         self._ended = threading.Event()  # set with `done`: what wait_done waits on, not woken by each token
@@ -311,7 +315,7 @@ class _Registry:
         request_id_var.set(job.request_id or "-")
         with self.app.app_context():
             try:
-                Generation(job, live, client).run()
+                Generation(job, live, client, gather=GATHER_SECONDS).run()
             finally:
                 with self._lock:
                     self._live.pop(job.message_id, None)
@@ -372,8 +376,10 @@ class _Registry:
 class Generation:
     """One answer being generated: stream from the LLM, flush now and then, save the outcome."""
 
-    def __init__(self, job, live, client):
-        self.job, self.live, self.client = job, live, client
+    def __init__(self, job, live, client, gather=0.0):
+        # `gather` (seconds): read the model in windows (a generation in the background, which feeds
+        # followers); 0 for one run in the request that waits for the whole answer (run_here).
+        self.job, self.live, self.client, self.gather = job, live, client, gather
         self.final = None
         self.started = time.monotonic()
         # The outcome, as saved: status, error code and text; `saved` is 1 when the row was written,
@@ -445,7 +451,8 @@ class Generation:
 
     def _stream(self):
         stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options,
-                                         abort=self.live.upstream)
+                                         abort=self.live.upstream, gather=self.gather)
+        self.live.gathered = stream.gathers
         first = True
         for chunk in stream:  # the watchdog saves the text so far; this loop never waits on the database
             if chunk.text:

@@ -346,7 +346,7 @@ def _follow(message_id, sent, poll, keepalive, subscription):
                     yield "token", final.content[sent:]
                 yield "done", final
                 return
-            if not first and not live.done and len(live.text) > sent:
+            if not first and not live.gathered and not live.done and len(live.text) > sent:
                 live.wait_done(COALESCE_SECONDS)  # a few tokens per event, not a wake-up per token; none at the end
             text = live.text  # the final state is read from the row below
         elif subscription is not None and not read_row:

@@ -1,0 +1,82 @@
+"""Reading the model in windows (llm.Gathering): once the first token is out, the socket is read at
+most once per window, whatever the model's pace; the answer, Stop and keep-alive are as before."""
+import time
+
+import pytest
+
+from webapp import llm
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+WORDS = [f"w{index} " for index in range(12)]
+
+
+@pytest.fixture(params=["ollama", "openai"])
+def backend(request, ollama):
+    if request.param == "ollama":
+        return llm.OllamaClient(ollama.url, read_timeout=2.0, load_timeout=3.0)
+    return llm.OpenAIClient(ollama.url + "/v1", read_timeout=2.0, load_timeout=3.0)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The times the gathering reads of the socket returned."""
+    times, fill = [], llm.Gathering._fill
+
+    def counted(self):
+        more = fill(self)
+        times.append(time.monotonic())
+        return more
+    monkeypatch.setattr(llm.Gathering, "_fill", counted)
+    return times
+
+
+def test_after_the_first_token_the_socket_is_read_once_per_window(backend, ollama, reads):
+    window = 0.15
+    ollama.script(reply="".join(WORDS), delay=0.02)  # a token every 20 ms: 12 reads without gathering
+    started = time.monotonic()
+    stream = backend.chat_stream(MESSAGES, "tinyllama", gather=window)
+    assert stream.gathers
+    chunks = list(stream)
+    elapsed = time.monotonic() - started
+    assert "".join(chunk.text for chunk in chunks) == "".join(WORDS) and chunks[-1].done
+    after_first = reads[1:]  # the first read brought the first token; the window begins after it
+    gaps = [after - before for before, after in zip(after_first, after_first[1:], strict=False)]
+    assert gaps and all(gap >= window - 0.001 for gap in gaps), gaps  # never sooner than a window apart
+    assert len(reads) <= elapsed / window + 4 < len(WORDS)
+
+
+def test_the_first_token_is_not_held_back(backend, ollama):
+    ollama.script(reply="one two three", delay=0.01)
+    started = time.monotonic()
+    stream = iter(backend.chat_stream(MESSAGES, "tinyllama", gather=1.0))
+    assert next(stream).text == "one " and time.monotonic() - started < 0.9
+    assert "".join(chunk.text for chunk in stream) == "two three"
+
+
+def test_gathered_answers_keep_their_connection(backend, ollama):
+    for reply in ("one two three", "four five", "six"):
+        ollama.script(reply=reply, delay=0.01)
+        chunks = list(backend.chat_stream(MESSAGES, "tinyllama", gather=0.05))
+        assert "".join(chunk.text for chunk in chunks) == reply and chunks[-1].done
+    assert ollama.connections == 1
+
+
+def test_stop_ends_a_gathering_stream_within_its_window(ollama):
+    client = llm.OllamaClient(ollama.url, read_timeout=2.0, load_timeout=3.0)
+    ollama.script(reply="".join(WORDS), delay=0.05)
+    abort = llm.Abort()
+    stream = iter(client.chat_stream(MESSAGES, "tinyllama", abort=abort, gather=0.2))
+    next(stream)
+    stopped = time.monotonic()
+    abort()
+    with pytest.raises(llm.Cancelled):
+        list(stream)
+    assert time.monotonic() - stopped < 0.5
+    assert ollama.wait_for_event("client_closed", timeout=3)
+
+
+def test_no_window_reads_as_the_answer_comes(backend, ollama, reads):
+    ollama.script(reply="one two", delay=0.01)
+    stream = backend.chat_stream(MESSAGES, "tinyllama")
+    assert not stream.gathers
+    assert "".join(chunk.text for chunk in stream) == "one two" and reads == []
