@@ -121,7 +121,7 @@ def test_a_request_killed_mid_answer_saves_the_answer_as_interrupted(app, user, 
     from webapp.models import Conversation, User
 
     class DyingClient:
-        def chat_stream(self, messages, model, options=None, abort=None):
+        def chat_stream(self, messages, model, options=None, abort=None, gather=0.0):
             yield llm.Chunk(text="half an ")
             yield llm.Chunk(text="answer")
             raise Killed()
@@ -140,9 +140,9 @@ def test_a_request_killed_mid_answer_saves_the_answer_as_interrupted(app, user, 
 def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, ollama, database_url):
     """With nothing to run before it (no per-person limits, no Idempotency-Key) and no queue in front of
     the model (each queued answer's admission has statements of its own), a turn that starts a
-    conversation, on PostgreSQL, costs three statements, each its own transaction: the token check, ONE
-    statement writing the conversation (claimed by its answer), the prompt and the answer
-    (answers.open_in_new_conversation), and the final save. Every row is as the general path writes
+    conversation, on PostgreSQL, costs two statements, each its own transaction: ONE statement checking
+    the token's row and writing the conversation (claimed by its answer), the prompt and the answer
+    (answers.open_in_new_conversation, service.token_check), and the final save. Every row is as the general path writes
     it, and the conversation is free again after."""
     from helpers import login_token, make_user
     app = make_app(USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0, LLM_MAX_PARALLEL=0)
@@ -156,8 +156,8 @@ def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     postgres = database_url.startswith("postgresql")
-    if postgres:  # SELECT (token), WITH ... (the opening), WITH ... (the final save)
-        assert statements == ["SELECT", "WITH", "WITH"], statements
+    if postgres:  # WITH ... (the token's row and the opening), WITH ... (the final save)
+        assert statements == ["WITH", "WITH"], statements
     from webapp.models import Conversation, Message
     with app.app_context():
         conversation = db.session.get(Conversation, body["conversation_id"])
@@ -274,8 +274,10 @@ def test_a_turn_in_an_existing_conversation_claims_it_in_one_statement(make_app,
                                               "model": "llama3.2"}, headers=auth)
     assert second.status_code == 200, second.get_json()
     body = second.get_json()
-    if database_url.startswith("postgresql"):  # token, [lock], the claim with both rows, the context, the save
-        assert statements == ["SELECT", *(["SELECT"] if limits else []), "WITH", "SELECT", "WITH"], statements
+    if database_url.startswith("postgresql"):
+        # limits off: the claim with both rows and the token's row (service.token_check), the context, the save;
+        # limits on: the token, the lock, the claim with both rows, the context, the save
+        assert statements == [*(["SELECT", "SELECT"] if limits else []), "WITH", "SELECT", "WITH"], statements
     assert ollama.chat_requests[-1]["messages"] == [{"role": "user", "content": "first"},
                                                {"role": "assistant", "content": REPLY},
                                                {"role": "user", "content": "second"}]

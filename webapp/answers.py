@@ -160,6 +160,8 @@ def open_in_new_conversation(values, model, request_id, prompt, queued=False, gu
     (conversation_id, prompt_id, answer_id, *checks), = rows_written
     if guard is not None:
         guard.check(checks)
+    if answer_id is None:  # the guard held it back without a refusal of its own (service.token_check)
+        return None
     conversation = detached(Conversation, id=conversation_id, **{**values, "message_count": len(earlier) + 2,
                                                                  "active_message_id": answer_id})
     prompt_row, answer_row = ({**row, "conversation_id": conversation_id} for row in rows)

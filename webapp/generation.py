@@ -452,7 +452,7 @@ class Generation:
     def _stream(self):
         stream = self.client.chat_stream(self.job.messages, self.job.model, self.job.options,
                                          abort=self.live.upstream, gather=self.gather)
-        self.live.gathered = stream.gathers
+        self.live.gathered = getattr(stream, "gathers", False)  # any iterable of Chunks will do
         first = True
         for chunk in stream:  # the watchdog saves the text so far; this loop never waits on the database
             if chunk.text:

@@ -13,31 +13,88 @@ from .errors import error_response
 def token_required(view):
     @wraps(view)
     def wrapped(*args, **kwargs):
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = _bearer_token()
+        if token is None:
             return _unauthorized("missing bearer token", None)
         try:
-            bearer_user(token.strip())
+            bearer_user(token)
         except (tokens.TokenError, api_keys.InvalidKey) as exc:
             return _unauthorized(str(exc))
         return view(*args, **kwargs)
     return wrapped
 
 
+def _bearer_token():
+    """The credential of `Authorization: Bearer <credential>`, or None."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def token_checked_by_the_start(view):
+    """token_required for a view that starts a turn (POST /chat/): a JWT's signature and expiry are
+    checked here, and its row (the account active, the token's version, not revoked) by the statement
+    that starts the turn where it can (service.turns; one round trip fewer), else just before the
+    start. The view gets the credential as `credential()`. Whatever else the view answers (a 4xx
+    for its body included) is answered only once the row passed: a refused token is always a 401."""
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        token = _bearer_token()
+        if token is None:
+            return _unauthorized("missing bearer token", None)
+        try:
+            if api_keys.looks_like_key(token):
+                bearer_user(token)
+            else:
+                g.unchecked_token = tokens.Unchecked(tokens.claims_of(token), on_accept=_remember_jwt_user)
+            try:
+                response = view(*args, **kwargs)
+            except (tokens.TokenError, api_keys.InvalidKey):
+                raise
+            except Exception:  # e.g. a 422 for the body: a refused token is a 401 whatever else is wrong
+                _check_if_unchecked()
+                raise
+            _check_if_unchecked()
+            return response
+        except (tokens.TokenError, api_keys.InvalidKey) as exc:
+            return _unauthorized(str(exc))
+    return wrapped
+
+
+def credential():
+    """The caller of a token_checked_by_the_start view: the User, or the tokens.Unchecked JWT."""
+    return g.get("api_user") or g.unchecked_token
+
+
+def _check_if_unchecked():
+    unchecked = g.get("unchecked_token")
+    if unchecked is not None and unchecked.user is None:
+        unchecked.check_now()
+
+
 def bearer_user(token):
     """Sets g.api_user from a bearer credential: a personal API key (told by its `llmk_` prefix) or a
     JWT. Raises TokenError / InvalidKey. (/v1 calls this too, and answers refusals in OpenAI's shape.)"""
-    is_key = api_keys.looks_like_key(token)
-    g.api_user = api_keys.verify(token) if is_key else tokens.verify(token)
-    g.user_name = g.api_user.username
+    if api_keys.looks_like_key(token):
+        _remember(api_keys.verify(token), is_key=True)
+    else:
+        _remember(tokens.verify(token), is_key=False)
+    return g.api_user
+
+
+def _remember_jwt_user(user):
+    _remember(user, is_key=False)
+
+
+def _remember(user, is_key):
+    g.api_user = user
+    g.user_name = user.username
     # What an open stream re-checks (webapp/stream_auth.py), read now while the row is fresh: a token's
     # version and jti (sign-out everywhere, or this token revoked; the verifier sets g.auth_jti), or a
     # key's row (g.auth_key_id). A key outlives sign-out everywhere (DESIGN), so its streams end when
     # it is revoked or expires, or with the account.
-    g.auth_user_id = g.api_user.id
-    g.auth_token_version = None if is_key else g.api_user.token_version
-    return g.api_user
+    g.auth_user_id = user.id
+    g.auth_token_version = None if is_key else user.token_version
 
 
 def _unauthorized(message, error="invalid_token"):

@@ -5,7 +5,7 @@ from .. import service, sse, stream_auth
 from ..errors import ANSWER_ERROR_STATUS, invalid
 from . import bp
 from .errors import error_response
-from .guard import idempotency_key, json_body, mark_replayed, token_required
+from .guard import credential, idempotency_key, json_body, mark_replayed, token_checked_by_the_start
 
 
 def parse_options(raw):
@@ -63,7 +63,7 @@ def stream_ids(conversation_id, message_id, model, user_message_id=None):
 
 @bp.post("/chat/")
 @bp.post("/chat", endpoint="chat_turn_without_slash")  # a JSON client never lands on a page
-@token_required
+@token_checked_by_the_start
 def chat_turn():
     data = json_body()
     conversation_id, stream, options = parse_turn_request(data)
@@ -71,7 +71,7 @@ def chat_turn():
     # A retried stream may say how far it got (the same ids as every stream); read before anything starts.
     since = sse.last_event_id() if key and stream else None
     # Not streamed: the request generates the answer itself (service.answer_here), no hand-off.
-    turn = service.start_turn(g.api_user, data.get("prompt"), conversation_id, data.get("model"),
+    turn = service.start_turn(credential(), data.get("prompt"), conversation_id, data.get("model"),
                               g.request_id, options, idempotency_key=key, run_here=not stream)
     if turn.replayed:
         mark_replayed()

@@ -69,27 +69,62 @@ def verify(token):
     Every request with a bearer token runs it, so it skips the ORM's load (identity map, instance
     state): the User returned is a plain copy of the row, not tracked by the session; a view that
     changes the account loads it (db.session.get) and writes that."""
-    claims = claims_of(token)
-    params = {"b_user_id": int(claims["sub"]), "b_jti": claims["jti"]}
-    # Alone (PostgreSQL): no BEGIN before it. A turn that starts a conversation then needs no
-    # transaction of its own either (answers.open_in_new_conversation): 2 round trips, not 7.
-    rows = execute_read(_VERIFY, params)
-    row = rows[0] if rows else None
-    if row is None:
-        raise TokenError("token is no longer valid")
-    values = row._asdict()
-    if values.pop("revoked_jti") is not None:
-        raise TokenError("token was revoked")
-    if not values["is_active"] or claims.get("ver") != values["token_version"]:
-        raise TokenError("token is no longer valid")
-    g.auth_jti = claims["jti"]  # what an open stream re-checks (webapp/stream_auth.py)
-    return detached(User, **values)
+    return Unchecked(claims_of(token)).check_now()
+
+
+class Unchecked:
+    """A bearer token whose signature and expiry were checked here, and whose row is still to be
+    checked (the account active, the token's version, not revoked): by `check_now()` (verify), or by
+    `accept(values)` with the row as a statement that starts a turn read it (service.turns folds the
+    check into that statement: one round trip fewer). `on_accept(user)` is called with the user once
+    the row passed; `user` is set then."""
+
+    def __init__(self, claims, on_accept=None):
+        self.claims = claims
+        self.id = int(claims["sub"])
+        self.user = None
+        self._on_accept = on_accept
+
+    @property
+    def params(self):
+        return {"b_user_id": self.id, "b_jti": self.claims["jti"]}
+
+    def check_now(self):
+        # Alone (PostgreSQL): no BEGIN before it. A turn that starts a conversation then needs no
+        # transaction of its own either (answers.open_in_new_conversation).
+        rows = execute_read(_VERIFY, self.params)
+        return self.accept(rows[0]._asdict() if rows else None)
+
+    def accept(self, values):
+        """The user of `values` (the row _VERIFY reads, as a dict; None or an id of None: no such
+        user), or TokenError saying why the token may not be used."""
+        if values is None or values["id"] is None:
+            raise TokenError("token is no longer valid")
+        values = dict(values)
+        if values.pop("revoked_jti") is not None:
+            raise TokenError("token was revoked")
+        if not values["is_active"] or self.claims.get("ver") != values["token_version"]:
+            raise TokenError("token is no longer valid")
+        g.auth_jti = self.claims["jti"]  # what an open stream re-checks (webapp/stream_auth.py)
+        self.user = detached(User, **values)
+        if self._on_accept is not None:
+            self._on_accept(self.user)
+        return self.user
 
 
 _USERS, _REVOKED = User.__table__, RevokedToken.__table__
 _VERIFY = (select(_USERS, _REVOKED.c.jti.label("revoked_jti"))
            .outerjoin(_REVOKED, and_(_REVOKED.c.jti == bindparam("b_jti"), _REVOKED.c.user_id == _USERS.c.id))
            .where(_USERS.c.id == bindparam("b_user_id")))
+VERIFIED_COLUMNS = tuple(_VERIFY.selected_columns.keys())
+
+
+def row_check(names=("t_user_id", "t_jti")):
+    """_VERIFY as a CTE for a statement that folds the token check in, its parameters named `names`."""
+    user_id, jti = (bindparam(name) for name in names)
+    return (select(_USERS, _REVOKED.c.jti.label("revoked_jti"))
+            .outerjoin(_REVOKED, and_(_REVOKED.c.jti == jti, _REVOKED.c.user_id == _USERS.c.id))
+            .where(_USERS.c.id == user_id)).cte("token_row")
 
 
 def revoke(token):

@@ -9,12 +9,13 @@ from flask import current_app
 from sqlalchemy import and_, or_, select
 
 from .. import answers, push
+from ..auth import tokens
 from ..errors import ServiceError
 from ..extensions import db, execute_read, llm_service
 from ..generation import Job, generations
 from ..limits import SYSTEM_PROMPT_MAX
 from ..models import COMPLETE, FINAL_STATUSES, QUEUED, SOURCE_API, SOURCE_WEB, Conversation, Message
-from . import idempotency
+from . import idempotency, token_check
 from .conversations import conversation_values, create_conversation, free_if_orphaned, get_conversation, request_stop
 from .fairness import guard_for, take_turn
 from .validation import as_id, check_model, check_options, clean_prompt, title_from
@@ -56,18 +57,28 @@ class Turn:
 def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, options=None,
                keep_model=False, idempotency_key=None, run_here=False):
     """Save the prompt, claim the conversation, start generating; returns the Turn at once.
+    `user`: the User, or a bearer token whose row is still to check (auth.tokens.Unchecked): the
+    check rides on the statement that starts the turn where it can (token_check), else runs first.
     `keep_model`: the model becomes the conversation's own (the page's picker), not just this answer's.
     `idempotency_key`: a retry with the same key and request gets the first one's Turn (`replayed`).
     `run_here`: do not start the generation; the caller runs it with answer_here(turn)."""
     prompt = clean_prompt(prompt)
     model = check_model(model) if model is not None else None
     options = check_options(options)
+    fold = None
+    if isinstance(user, tokens.Unchecked):
+        fold = token_check.fold_for(user) if idempotency_key is None else None
+        if fold is None:
+            user = user.check_now()
 
     def start(claim):
+        nonlocal user, fold
         opened = None
         if claim is None:
-            opened = (_open_alone(user, prompt, model, request_id) if conversation_id is None
-                      else _continue_alone(user, conversation_id, prompt, model, keep_model, request_id))
+            opened = _start_alone(user, fold, conversation_id, prompt, model, keep_model, request_id)
+            if opened is None and fold is not None:  # nothing written: the row as the statement read it, or now
+                user, fold = user.user or user.check_now(), None
+                opened = _start_alone(user, None, conversation_id, prompt, model, keep_model, request_id)
         if opened is not None:
             return _launch(*opened, options, [] if conversation_id is None else None, run_here=run_here)
         if conversation_id is None:
@@ -87,25 +98,35 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
                  model=model, options=options)
 
 
-def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB, earlier=()):
+def _start_alone(user, fold, conversation_id, prompt, model, keep_model, request_id):
+    """start_turn's one-statement start (no key): the token's row checked in it (`fold`, a
+    token_check.Fold) or the per-person limits decided in it (when they are on)."""
+    guard = fold or guard_for(user)
+    if conversation_id is None:
+        return _open_alone(user, prompt, model, request_id, guard=guard)
+    return _continue_alone(user, conversation_id, prompt, model, keep_model, request_id, guard)
+
+
+def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB, earlier=(), guard=None):
     """A new conversation with its prompt and answer in one statement (answers.open_in_new_conversation),
     after the `earlier` messages [(role, content)] when there are any, the per-person limits decided
-    inside it when they are on (the caller checked there is no key): the (conversation, prompt,
-    answer) it wrote, or None for the general path."""
+    inside it when they are on (the caller checked there is no key), or the `guard` given: the
+    (conversation, prompt, answer) it wrote, or None for the general path."""
     values = conversation_values(user, title_from(prompt), model, system_prompt, source)
     return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on(),
-                                            guard=guard_for(user), earlier=earlier)
+                                            guard=guard or guard_for(user), earlier=earlier)
 
 
-def _continue_alone(user, conversation_id, prompt, model, keep_model, request_id):
+def _continue_alone(user, conversation_id, prompt, model, keep_model, request_id, guard):
     """The claim first, with the prompt and the answer, in one statement (answers.continue_conversation),
-    the per-person limits decided inside it when they are on: the (conversation, prompt, answer) it
-    wrote, or None for the general path (which says why the claim was not made, or frees an orphan)."""
+    the per-person limits (or the token's row) decided inside it by `guard`: the (conversation,
+    prompt, answer) it wrote, or None for the general path (which says why the claim was not made, or
+    frees an orphan)."""
     conversation_id = as_id(conversation_id)
     if conversation_id is None:
         return None
     return answers.continue_conversation(user.id, conversation_id, prompt, model, keep_model, request_id,
-                                         queued=_queue_on(), guard=guard_for(user))
+                                         queued=_queue_on(), guard=guard)
 
 
 def _guard(user, claim):

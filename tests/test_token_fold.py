@@ -1,0 +1,112 @@
+"""POST /chat/ with a JWT, the per-person limits off: the token's row (account active, token version,
+not revoked) is checked by the statement that starts the turn (service.token_check), which writes
+nothing unless it passed. Every refusal is the 401 it was, nothing is written, and a person with
+limits of their own still gets them. On PostgreSQL and SQLite (which checks the row first)."""
+import pytest
+from sqlalchemy import func, select, update
+from test_turn_path import REPLY, statements_of_this_thread
+
+from helpers import both_databases, login_token, make_user
+
+pytestmark = both_databases
+LIMITS_OFF = dict(USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0, LLM_MAX_PARALLEL=0)
+
+
+@pytest.fixture
+def api(make_app, ollama):
+    app = make_app(**LIMITS_OFF)
+    user_id = make_user(app)
+    client = app.test_client()
+    ollama.script(reply=REPLY)
+    return app, client, user_id
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def counts(app):
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    with app.app_context():
+        return tuple(db.session.scalar(select(func.count()).select_from(model)) for model in (Conversation, Message))
+
+
+def test_the_token_check_rides_on_the_start(api, database_url):
+    app, client, _ = api
+    auth = bearer(login_token(client))
+    with statements_of_this_thread(app) as statements:
+        first = client.post("/chat/", json={"prompt": "hello"}, headers=auth)
+        assert first.status_code == 200, first.get_json()
+        second = client.post("/chat/", json={"prompt": "again", "conversation_id": first.get_json()["conversation_id"]},
+                             headers=auth)
+        assert second.status_code == 200, second.get_json()
+    if database_url.startswith("postgresql"):  # the start (with the token's row), [the history,] the final save
+        assert statements == ["WITH", "WITH", "WITH", "SELECT", "WITH"], statements
+    assert second.get_json()["response"] == REPLY and counts(app) == (1, 4)
+
+
+def sign_out_everywhere(app, client, token, user_id):
+    assert client.post("/auth/logout-all", headers=bearer(token)).status_code == 204
+
+
+def revoke(app, client, token, user_id):
+    assert client.post("/auth/revoke", data={"token": token}).status_code == 200
+
+
+def deactivate(app, client, token, user_id):
+    from webapp.extensions import db
+    from webapp.models import User
+    with app.app_context():
+        db.session.execute(update(User).where(User.id == user_id).values(is_active=False))
+        db.session.commit()
+
+
+@pytest.mark.parametrize(("end", "message"), [(revoke, "token was revoked"),
+                                              (sign_out_everywhere, "token is no longer valid"),
+                                              (deactivate, "token is no longer valid")],
+                         ids=["revoked", "signed-out-everywhere", "account-disabled"])
+def test_a_refused_token_writes_nothing(api, end, message):
+    app, client, user_id = api
+    token = login_token(client)
+    first = client.post("/chat/", json={"prompt": "hello"}, headers=bearer(token))
+    conversation_id = first.get_json()["conversation_id"]
+    before = counts(app)
+    end(app, client, token, user_id)
+    for body in ({"prompt": "new"}, {"prompt": "next", "conversation_id": conversation_id},
+                 {"prompt": "streamed", "stream": True},
+                 {"conversation_id": "not a number"}, {}):  # a bad body too: the token is what is refused
+        response = client.post("/chat/", json=body, headers=bearer(token))
+        assert response.status_code == 401, (body, response.get_json())
+        assert response.get_json()["error"]["message"] == message
+        assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert client.post("/chat/", data="not json", headers=bearer(token)).status_code == 401
+    assert counts(app) == before
+
+
+def test_a_person_with_limits_of_their_own_still_has_them(api, database_url):
+    """Limits off by configuration, but this person's own (`flask set-limits`): the folded start writes
+    nothing for them, and the turn takes the guarded path with the row the statement read."""
+    from webapp.extensions import db
+    from webapp.models import User
+    app, client, user_id = api
+    with app.app_context():
+        db.session.execute(update(User).where(User.id == user_id).values(max_per_minute=1))
+        db.session.commit()
+    auth = bearer(login_token(client))
+    with statements_of_this_thread(app) as statements:
+        assert client.post("/chat/", json={"prompt": "one"}, headers=auth).status_code == 200
+    if database_url.startswith("postgresql"):  # the folded start (nothing written), the lock, the start, the save
+        assert statements == ["WITH", "SELECT", "WITH", "WITH"], statements
+    refused = client.post("/chat/", json={"prompt": "two"}, headers=auth)
+    assert refused.status_code == 429 and "at most 1 answers a minute" in refused.get_json()["error"]["message"]
+    assert counts(app) == (1, 2)
+
+
+def test_a_bad_body_with_a_good_token_is_the_body_s_error(api):
+    app, client, _ = api
+    auth = bearer(login_token(client))
+    assert client.post("/chat/", json={"prompt": ""}, headers=auth).status_code == 422
+    assert client.post("/chat/", json={"prompt": "x", "conversation_id": "7"}, headers=auth).status_code == 422
+    missing = client.post("/chat/", json={"prompt": "x", "conversation_id": 999}, headers=auth)
+    assert missing.status_code == 404 and counts(app) == (0, 0)
