@@ -74,7 +74,7 @@ class Live:
         self.cancelled = False
         self.interrupted = False  # the server is shutting down, not the user pressing Stop
         self.upstream = llm.Abort()  # closes the connection to the LLM, even while the model loads
-        self.gathered = False  # the generation reads the model in windows: followers need gather no more
+        self.gathered = False  # the generation reads the model in windows: followers need not gather too
         self.saved = 0  # characters of the text the database holds (the watchdog flushes the rest)
         self.final = None  # the answer's row as its final save committed it (a detached Message)
         self._ended = threading.Event()  # set with `done`: what wait_done waits on, not woken by each token

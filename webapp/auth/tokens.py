@@ -85,14 +85,10 @@ class Unchecked:
         self.user = None
         self._on_accept = on_accept
 
-    @property
-    def params(self):
-        return {"b_user_id": self.id, "b_jti": self.claims["jti"]}
-
     def check_now(self):
         # Alone (PostgreSQL): no BEGIN before it. A turn that starts a conversation then needs no
         # transaction of its own either (answers.open_in_new_conversation).
-        rows = execute_read(_VERIFY, self.params)
+        rows = execute_read(_VERIFY, {"b_user_id": self.id, "b_jti": self.claims["jti"]})
         return self.accept(rows[0]._asdict() if rows else None)
 
     def accept(self, values):
@@ -113,18 +109,22 @@ class Unchecked:
 
 
 _USERS, _REVOKED = User.__table__, RevokedToken.__table__
-_VERIFY = (select(_USERS, _REVOKED.c.jti.label("revoked_jti"))
-           .outerjoin(_REVOKED, and_(_REVOKED.c.jti == bindparam("b_jti"), _REVOKED.c.user_id == _USERS.c.id))
-           .where(_USERS.c.id == bindparam("b_user_id")))
+
+
+def _row_of(user_id, jti):
+    """The token's user's row, left-joined with the token's denylist row (revoked_jti)."""
+    return (select(_USERS, _REVOKED.c.jti.label("revoked_jti"))
+            .outerjoin(_REVOKED, and_(_REVOKED.c.jti == jti, _REVOKED.c.user_id == _USERS.c.id))
+            .where(_USERS.c.id == user_id))
+
+
+_VERIFY = _row_of(bindparam("b_user_id"), bindparam("b_jti"))
 VERIFIED_COLUMNS = tuple(_VERIFY.selected_columns.keys())
 
 
-def row_check(names=("t_user_id", "t_jti")):
-    """_VERIFY as a CTE for a statement that folds the token check in, its parameters named `names`."""
-    user_id, jti = (bindparam(name) for name in names)
-    return (select(_USERS, _REVOKED.c.jti.label("revoked_jti"))
-            .outerjoin(_REVOKED, and_(_REVOKED.c.jti == jti, _REVOKED.c.user_id == _USERS.c.id))
-            .where(_USERS.c.id == user_id)).cte("token_row")
+def row_check():
+    """_VERIFY as a CTE, for a statement that folds the token's check in (parameters t_user_id, t_jti)."""
+    return _row_of(bindparam("t_user_id"), bindparam("t_jti")).cte("token_row")
 
 
 def revoke(token):
