@@ -55,6 +55,8 @@ def test_multibyte_text_arrives_intact(client_for, tiny):
     assert "\ufffd" not in streamed
     assert any(ord(ch) > 127 for ch in streamed), streamed
     assert streamed == again  # deterministic at temperature 0, and never torn mid-character
+    gathered = client_for.chat_stream(messages, tiny.alias, options, gather=0.05)  # read in windows (llm.Gathering)
+    assert gathered.gathers and "".join(c.text for c in gathered) == streamed
 
 
 def test_num_predict_limits_length(client_for, tiny):
