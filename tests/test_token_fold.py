@@ -1,7 +1,7 @@
-"""POST /chat/ with a JWT, the per-person limits off: the token's row (account active, token version,
-not revoked) is checked by the statement that starts the turn (service.token_check), which writes
-nothing unless it passed. Every refusal is the 401 it was, nothing is written, and a person with
-limits of their own still gets them. On PostgreSQL and SQLite (which checks the row first)."""
+"""POST /chat/ with a JWT: the token's row (account active, token version, not revoked) is checked by
+the statement that starts the turn (the per-person limits off) or by the person's lock before it (on),
+service.token_check; nothing is written unless it passed. Every refusal is the 401 it was, nothing is
+written, and a person's own limits still hold. On PostgreSQL and SQLite (which checks the row first)."""
 import pytest
 from sqlalchemy import func, select, update
 from test_turn_path import REPLY, statements_of_this_thread
@@ -10,11 +10,12 @@ from helpers import both_databases, login_token, make_user
 
 pytestmark = both_databases
 LIMITS_OFF = dict(USER_MAX_RUNNING=0, USER_MAX_PER_MINUTE=0, LLM_MAX_PARALLEL=0)
+LIMITS_ON = dict(USER_MAX_RUNNING=5, USER_MAX_PER_MINUTE=30, LLM_MAX_PARALLEL=0)
 
 
-@pytest.fixture
-def api(make_app, ollama):
-    app = make_app(**LIMITS_OFF)
+@pytest.fixture(params=[LIMITS_OFF, LIMITS_ON], ids=["limits-off", "limits-on"])
+def api(make_app, ollama, request):
+    app = make_app(**request.param)
     user_id = make_user(app)
     client = app.test_client()
     ollama.script(reply=REPLY)
@@ -41,8 +42,10 @@ def test_the_token_check_rides_on_the_start(api, database_url):
         second = client.post("/chat/", json={"prompt": "again", "conversation_id": first.get_json()["conversation_id"]},
                              headers=auth)
         assert second.status_code == 200, second.get_json()
-    if database_url.startswith("postgresql"):  # the start (with the token's row), [the history,] the final save
-        assert statements == ["WITH", "WITH", "WITH", "SELECT", "WITH"], statements
+    if database_url.startswith("postgresql"):
+        # [the lock with the token's row,] the start (with the token's row), [the history,] the final save
+        lock = ["WITH"] if app.config["USER_MAX_RUNNING"] else []
+        assert statements == [*lock, "WITH", "WITH", *lock, "WITH", "SELECT", "WITH"], statements
     assert second.get_json()["response"] == REPLY and counts(app) == (1, 4)
 
 
@@ -85,8 +88,9 @@ def test_a_refused_token_writes_nothing(api, end, message):
 
 
 def test_a_person_with_limits_of_their_own_still_has_them(api, database_url):
-    """Limits off by configuration, but this person's own (`flask set-limits`): the folded start writes
-    nothing for them, and the turn takes the guarded path with the row the statement read."""
+    """This person's own limits (`flask set-limits`) win over the configuration's. Limits off by
+    configuration: the folded start writes nothing for them, and the turn takes the guarded path with
+    the row the statement read. On: their limits are read with the token's row, under their lock."""
     from webapp.extensions import db
     from webapp.models import User
     app, client, user_id = api
@@ -96,11 +100,28 @@ def test_a_person_with_limits_of_their_own_still_has_them(api, database_url):
     auth = bearer(login_token(client))
     with statements_of_this_thread(app) as statements:
         assert client.post("/chat/", json={"prompt": "one"}, headers=auth).status_code == 200
-    if database_url.startswith("postgresql"):  # the folded start (nothing written), the lock, the start, the save
-        assert statements == ["WITH", "SELECT", "WITH", "WITH"], statements
+    if database_url.startswith("postgresql") and not app.config["USER_MAX_RUNNING"]:
+        assert statements == ["WITH", "SELECT", "WITH", "WITH"], statements  # folded (nothing), lock, start, save
     refused = client.post("/chat/", json={"prompt": "two"}, headers=auth)
     assert refused.status_code == 429 and "at most 1 answers a minute" in refused.get_json()["error"]["message"]
     assert counts(app) == (1, 2)
+
+
+def test_a_person_without_limits_of_their_own_is_not_held(make_app, ollama):
+    """Limits on by configuration, both off for this person: the guarded start lets every turn through."""
+    from webapp.extensions import db
+    from webapp.models import User
+    app = make_app(USER_MAX_RUNNING=1, USER_MAX_PER_MINUTE=1, LLM_MAX_PARALLEL=0)
+    user_id = make_user(app)
+    with app.app_context():
+        db.session.execute(update(User).where(User.id == user_id).values(max_running=0, max_per_minute=0))
+        db.session.commit()
+    client = app.test_client()
+    ollama.script(reply=REPLY)
+    auth = bearer(login_token(client))
+    assert [client.post("/chat/", json={"prompt": f"n{index}"}, headers=auth).status_code
+            for index in range(3)] == [200, 200, 200]
+    assert counts(app) == (3, 6)
 
 
 def test_a_bad_body_with_a_good_token_is_the_body_s_error(api):

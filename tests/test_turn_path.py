@@ -177,8 +177,9 @@ def test_a_turn_that_starts_a_conversation_opens_it_in_one_statement(make_app, o
 
 def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make_app, ollama, database_url):
     """With the limits on (the default), a turn that starts a conversation still opens it in one
-    statement on PostgreSQL, after the person's lock: the token check, the lock, the opening (which
-    counts, tidies and records the start only where the limits allow), the final save. A refused turn
+    statement on PostgreSQL, after the person's lock: the lock (which reads the token's row too:
+    service.token_check), the opening (which counts, tidies and records the start only where the
+    limits allow), the final save. A refused turn
     writes nothing and says which limit and when to retry; expired starts are tidied on the way."""
     from sqlalchemy import func
 
@@ -199,8 +200,8 @@ def test_the_per_person_limits_are_decided_inside_the_one_statement_opening(make
     with statements_of_this_thread(app) as statements:
         first = client.post("/chat/", json={"prompt": "one"}, headers=auth)
     assert first.status_code == 200, first.get_json()
-    if database_url.startswith("postgresql"):  # SELECT (token), SELECT pg_advisory_xact_lock, WITH, WITH
-        assert statements == ["SELECT", "SELECT", "WITH", "WITH"], statements
+    if database_url.startswith("postgresql"):  # the lock with the token's row, the opening, the save
+        assert statements == ["WITH", "WITH", "WITH"], statements
     with app.app_context():
         hits = db.session.scalars(select(RateLimitHit.at).where(RateLimitHit.key == key)).all()
         assert len(hits) == 1 and hits[0] > now - 5  # the expired three tidied, this start counted
@@ -276,8 +277,8 @@ def test_a_turn_in_an_existing_conversation_claims_it_in_one_statement(make_app,
     body = second.get_json()
     if database_url.startswith("postgresql"):
         # limits off: the claim with both rows and the token's row (service.token_check), the context, the save;
-        # limits on: the token, the lock, the claim with both rows, the context, the save
-        assert statements == [*(["SELECT", "SELECT"] if limits else []), "WITH", "SELECT", "WITH"], statements
+        # limits on: the lock with the token's row, the claim with both rows, the context, the save
+        assert statements == [*(["WITH"] if limits else []), "WITH", "SELECT", "WITH"], statements
     assert ollama.chat_requests[-1]["messages"] == [{"role": "user", "content": "first"},
                                                {"role": "assistant", "content": REPLY},
                                                {"role": "user", "content": "second"}]

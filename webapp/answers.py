@@ -173,6 +173,9 @@ def _run_guarded(kind, params, guard):
     first and its own version of the statement (guard.statements[kind]) in a transaction of their own."""
     if guard is None:
         return execute_alone(_STARTS[kind], params)
+    if callable(guard.params):  # decided by what its lock statement read (service.token_check)
+        return execute_alone(guard.statements[kind], lambda ahead: {**params, **guard.params(ahead)},
+                             first=guard.lock)
     return execute_alone(guard.statements[kind], {**params, **guard.params}, first=guard.lock)
 
 
@@ -336,6 +339,14 @@ def lock(namespace, key):
 
 
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:key))")
+
+
+def lock_with(rows):
+    """lock_statement's statement (the same parameters), taking the lock for each row of `rows` (a
+    CTE of one row, or none: then no lock) and returning them: a row read and a lock taken in one
+    round trip (service.token_check)."""
+    return select(func.pg_advisory_xact_lock(bindparam("namespace"), func.hashtext(bindparam("key"))).label("locked"),
+                  *rows.c)
 
 
 def lock_statement(namespace, key):

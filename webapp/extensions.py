@@ -32,8 +32,9 @@ def execute_alone(statement, params, first=None):
     bookkeeping costs more than the statement) and holds the connection only for the statement.
     `first`: (statement, params) that must run before it, in its transaction, as statements of their
     own (a lock, so that the statement's snapshot is taken once it is held): then the two run in
-    BEGIN ... COMMIT. Returns the rows, fetched; None where this does not apply (SQLite, or a
-    transaction already open in the session): the caller runs the statement the usual way."""
+    BEGIN ... COMMIT, and `params` may be a function of `first`'s rows (raising rolls back). Returns
+    the rows, fetched; None where this does not apply (SQLite, or a transaction already open in the
+    session): the caller runs the statement the usual way."""
     session = db.session
     if session().in_transaction():
         return None
@@ -42,8 +43,8 @@ def execute_alone(statement, params, first=None):
         return None
     if first is not None:
         with engine.begin() as connection:
-            connection.execute(*first)
-            return connection.execute(statement, params).all()
+            ahead = connection.execute(*first).all()
+            return connection.execute(statement, params(ahead) if callable(params) else params).all()
     with _autocommit(engine).connect() as connection:
         return connection.execute(statement, params).all()
 

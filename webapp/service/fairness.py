@@ -126,15 +126,17 @@ class Guard:
             raise refused
 
 
-def guard_for(user):
-    """The Guard of this person's next start, for the one-statement starts; None when no limit is on."""
-    max_running, per_minute = limits_of(user)
-    if not max_running and not per_minute:
+def guard_for(user, limits=None):
+    """The Guard of this person's next start, for the one-statement starts; None when no limit is on.
+    `limits`: (max unfinished, max per minute) to use instead of limits_of(user), 0 = off (a statement
+    already chosen as guarded: service.token_check)."""
+    max_running, per_minute = limits if limits is not None else limits_of(user)
+    if limits is None and not max_running and not per_minute:
         return None
     now = time.time()
     params = {"g_user": user.id, "g_key": _key(user.id), "g_since": now - WINDOW, "g_now": now,
               "g_expires": now + WINDOW, "g_max_running": max_running, "g_per_minute": per_minute}
-    return Guard(_GUARDED, answers.lock_statement(USER_LOCK, user.id), params, max_running, per_minute, now)
+    return Guard(GUARDED, answers.lock_statement(USER_LOCK, user.id), params, max_running, per_minute, now)
 
 
 class _GuardSQL:
@@ -165,6 +167,6 @@ class _GuardSQL:
         return tidy, start
 
 
-_GUARDED = {"new": answers.open_new_statement(_GuardSQL()),
+GUARDED = {"new": answers.open_new_statement(_GuardSQL()),
             "new_after": answers.open_new_statement(_GuardSQL(), earlier=True),
             "next": answers.open_next_statement(_GuardSQL())}

@@ -5,10 +5,12 @@ account active, the token's version, not revoked) is read by answers' one-statem
 which writes only where the row passed, and returns it, so that the door learns who called, or why
 not, from the same round trip. On POST /chat/ that is one statement fewer of three.
 
-Only where no per-person limit can apply: both configured limits off (else the limits' guard,
-service.fairness, has a lock to take first and needs the person's limits before its statement
-runs). A person with limits of their own gets nothing written; the turn then takes the usual path,
-with the row as the statement read it."""
+With both configured limits off (Fold), the row is a CTE of the start and no per-person limit can
+apply: a person with limits of their own gets nothing written, and the turn takes the guarded path
+with the row as the statement read it. With the limits on (LockedFold), the person's lock comes
+first in the start's transaction, as service.fairness's guard has it: the row is read by that same
+statement, and the person's limits (their own, or the configured ones) decided from it before the
+guarded start runs. Either way the token costs no statement of its own."""
 from dataclasses import dataclass
 
 from flask import current_app
@@ -16,6 +18,7 @@ from sqlalchemy import Integer, bindparam, exists, func, select
 
 from .. import answers
 from ..auth import tokens
+from .fairness import GUARDED, USER_LOCK, guard_for
 
 
 class _TokenSQL:
@@ -55,11 +58,39 @@ class Fold:
         self.credential.accept(dict(zip(tokens.VERIFIED_COLUMNS, row, strict=True)))
 
 
+_LOCK_AND_ROW = answers.lock_with(tokens.row_check())
+
+
+class LockedFold:
+    """The per-person limits on: what answers' one-statement starts take as `guard`. `lock` takes
+    the person's lock and reads the token's row; `params(rows)` accepts the row (or raises
+    TokenError, which rolls the transaction back) and gives fairness's guard of this person's limits
+    (a person whose own limits are both off is counted like the rest); `check(report)` raises its
+    refusal."""
+    statements = GUARDED
+
+    def __init__(self, credential):
+        self.credential = credential
+        self.lock = (_LOCK_AND_ROW, {**answers.lock_statement(USER_LOCK, credential.id)[1],
+                                     "t_user_id": credential.id, "t_jti": credential.claims["jti"]})
+        self._guard = None
+
+    def params(self, rows):
+        values = {name: rows[0]._mapping[name] for name in tokens.VERIFIED_COLUMNS} if rows else None
+        user = self.credential.accept(values)
+        self._guard = guard_for(user) or guard_for(user, limits=(0, 0))
+        return self._guard.params
+
+    def check(self, report):
+        self._guard.check(report)
+
+
 def fold_for(credential):
-    """The Fold for an unchecked token's start, or None where its row must be checked first."""
-    config = current_app.config
-    if config["USER_MAX_RUNNING"] or config["USER_MAX_PER_MINUTE"]:
-        return None
+    """How an unchecked token's start checks its row (a Fold or LockedFold), or None where the row
+    must be checked first."""
     if not isinstance(credential.claims.get("ver"), int):  # ours always carry one; else the usual check says no
         return None
+    config = current_app.config
+    if config["USER_MAX_RUNNING"] or config["USER_MAX_PER_MINUTE"]:
+        return LockedFold(credential)
     return Fold(credential)
