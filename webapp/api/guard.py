@@ -11,16 +11,30 @@ from .errors import error_response
 
 
 def token_required(view):
+    """The view runs for a caller whose bearer credential passed (g.api_user); else a 401."""
+    return _bearer_guard(view, bearer_user, _run)
+
+
+def token_checked_by_the_start(view):
+    """token_required for a view that starts a turn (POST /chat/): a JWT's signature and expiry are
+    checked here, and its row (the account active, the token's version, not revoked) by the statements
+    that start the turn where they can (service.token_check: no round trip of its own), else just
+    before the start. The view gets the caller as `credential()`. Whatever else the view answers (a
+    4xx for its body included) is answered only once the row passed: a refused token is always a 401."""
+    return _bearer_guard(view, _unchecked, _run_then_check)
+
+
+def _bearer_guard(view, identify, run):
     @wraps(view)
     def wrapped(*args, **kwargs):
         token = _bearer_token()
         if token is None:
             return _unauthorized("missing bearer token", None)
         try:
-            bearer_user(token)
+            identify(token)
         except (tokens.TokenError, api_keys.InvalidKey) as exc:
             return _unauthorized(str(exc))
-        return view(*args, **kwargs)
+        return run(view, args, kwargs)
     return wrapped
 
 
@@ -31,34 +45,31 @@ def _bearer_token():
     return token if scheme.lower() == "bearer" and token else None
 
 
-def token_checked_by_the_start(view):
-    """token_required for a view that starts a turn (POST /chat/): a JWT's signature and expiry are
-    checked here, and its row (the account active, the token's version, not revoked) by the statement
-    that starts the turn where it can (service.turns; one round trip fewer), else just before the
-    start. The view gets the credential as `credential()`. Whatever else the view answers (a 4xx
-    for its body included) is answered only once the row passed: a refused token is always a 401."""
-    @wraps(view)
-    def wrapped(*args, **kwargs):
-        token = _bearer_token()
-        if token is None:
-            return _unauthorized("missing bearer token", None)
+def _run(view, args, kwargs):
+    return view(*args, **kwargs)
+
+
+def _unchecked(token):
+    """An API key is checked at once (bearer_user); a JWT's row is left for later (tokens.Unchecked)."""
+    if api_keys.looks_like_key(token):
+        bearer_user(token)
+    else:
+        g.unchecked_token = tokens.Unchecked(tokens.claims_of(token), on_accept=_remember_jwt_user)
+
+
+def _run_then_check(view, args, kwargs):
+    try:
         try:
-            if api_keys.looks_like_key(token):
-                bearer_user(token)
-            else:
-                g.unchecked_token = tokens.Unchecked(tokens.claims_of(token), on_accept=_remember_jwt_user)
-            try:
-                response = view(*args, **kwargs)
-            except (tokens.TokenError, api_keys.InvalidKey):
-                raise
-            except Exception:  # e.g. a 422 for the body: a refused token is a 401 whatever else is wrong
-                _check_if_unchecked()
-                raise
+            response = view(*args, **kwargs)
+        except tokens.TokenError:  # the row refused, as the start read it
+            raise
+        except Exception:  # e.g. a 422 for the body: a refused token is a 401 whatever else is wrong
             _check_if_unchecked()
-            return response
-        except (tokens.TokenError, api_keys.InvalidKey) as exc:
-            return _unauthorized(str(exc))
-    return wrapped
+            raise
+        _check_if_unchecked()
+        return response
+    except tokens.TokenError as exc:
+        return _unauthorized(str(exc))
 
 
 def credential():

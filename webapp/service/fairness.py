@@ -168,5 +168,5 @@ class _GuardSQL:
 
 
 GUARDED = {"new": answers.open_new_statement(_GuardSQL()),
-            "new_after": answers.open_new_statement(_GuardSQL(), earlier=True),
-            "next": answers.open_next_statement(_GuardSQL())}
+           "new_after": answers.open_new_statement(_GuardSQL(), earlier=True),
+           "next": answers.open_next_statement(_GuardSQL())}
