@@ -11,8 +11,6 @@ with the row as the statement read it. With the limits on (LockedFold), the pers
 first in the start's transaction, as service.fairness's guard has it: the row is read by that same
 statement, and the person's limits (their own, or the configured ones) decided from it before the
 guarded start runs. Either way the token costs no statement of its own."""
-from dataclasses import dataclass
-
 from flask import current_app
 from sqlalchemy import Integer, bindparam, exists, func, select
 
@@ -41,18 +39,16 @@ _FOLDED = {"new": answers.open_new_statement(_TokenSQL()),
            "next": answers.open_next_statement(_TokenSQL())}
 
 
-@dataclass(frozen=True)
 class Fold:
-    """What answers' one-statement starts take as `guard`: the folded statements, their parameters,
-    and `check(row)`, which accepts the token's row (or raises TokenError, saying why not)."""
-    credential: tokens.Unchecked
+    """The per-person limits off: what answers' one-statement starts take as `guard`. The folded
+    statements, their parameters, and `check(row)`, which accepts the token's row (or raises
+    TokenError, saying why not)."""
     statements = _FOLDED
     lock = None
 
-    @property
-    def params(self):
-        return {"t_user_id": self.credential.id, "t_jti": self.credential.claims["jti"],
-                "t_ver": self.credential.claims["ver"]}
+    def __init__(self, credential):
+        self.credential = credential
+        self.params = {"t_user_id": credential.id, "t_jti": credential.claims["jti"], "t_ver": credential.claims["ver"]}
 
     def check(self, row):
         self.credential.accept(dict(zip(tokens.VERIFIED_COLUMNS, row, strict=True)))

@@ -103,18 +103,18 @@ def _start_alone(user, fold, conversation_id, prompt, model, keep_model, request
     token_check.Fold) or the per-person limits decided in it (when they are on)."""
     guard = fold or guard_for(user)
     if conversation_id is None:
-        return _open_alone(user, prompt, model, request_id, guard=guard)
+        return _open_alone(user, prompt, model, request_id, guard)
     return _continue_alone(user, conversation_id, prompt, model, keep_model, request_id, guard)
 
 
-def _open_alone(user, prompt, model, request_id, system_prompt="", source=SOURCE_WEB, earlier=(), guard=None):
+def _open_alone(user, prompt, model, request_id, guard, system_prompt="", source=SOURCE_WEB, earlier=()):
     """A new conversation with its prompt and answer in one statement (answers.open_in_new_conversation),
-    after the `earlier` messages [(role, content)] when there are any, the per-person limits decided
-    inside it when they are on (the caller checked there is no key), or the `guard` given: the
+    after the `earlier` messages [(role, content)] when there are any, the per-person limits (or the
+    token's row) decided inside it by `guard` (the caller checked there is no key): the
     (conversation, prompt, answer) it wrote, or None for the general path."""
     values = conversation_values(user, title_from(prompt), model, system_prompt, source)
     return answers.open_in_new_conversation(values, values["model"], request_id, prompt, queued=_queue_on(),
-                                            guard=guard or guard_for(user), earlier=earlier)
+                                            guard=guard, earlier=earlier)
 
 
 def _continue_alone(user, conversation_id, prompt, model, keep_model, request_id, guard):
@@ -229,7 +229,7 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
         earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
         if conversation is None:
             if claim is None:  # nothing to run first: the whole exchange in one statement
-                opened = _open_alone(user, prompt, model, request_id, system, SOURCE_API, earlier)
+                opened = _open_alone(user, prompt, model, request_id, guard_for(user), system, SOURCE_API, earlier)
                 if opened is not None:
                     return _launch(*opened, options, None, context=list(messages))
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
