@@ -546,3 +546,47 @@ def test_a_group_commit_cut_short_by_a_kill_leaves_every_answer_to_save_its_own(
     assert results == {"a": 1, "b": "killed", "c": 1}
     assert ["b", "c"] in calls and ["b"] in calls and ["c"] in calls  # each saved alone after the cut
     assert not finisher._busy and finisher._pending == []
+
+
+def test_open_requests_counts_a_request_until_its_body_is_closed():
+    """capacity.OpenRequests: a streamed body counts while it is being sent, and a request counts no
+    more once its body is closed or its app raised (the count widens generations' windows)."""
+    from webapp.capacity import OpenRequests
+
+    seen = []
+
+    def streaming(environ, start_response):
+        start_response("200 OK", [])
+        if environ.get("PATH_INFO") == "/fail":
+            raise RuntimeError("broken view")
+
+        def body():
+            seen.append(counted.count)
+            yield b"one"
+            seen.append(counted.count)
+            yield b"two"
+        return body()
+
+    counted = OpenRequests(streaming)
+    first = counted({"PATH_INFO": "/"}, lambda *args: None)
+    second = counted({"PATH_INFO": "/"}, lambda *args: None)
+    assert counted.count == 2 and b"".join(first) == b"onetwo" and seen == [2, 2]
+    first.close()
+    assert counted.count == 1
+    next(iter(second))
+    second.close()  # a client gone mid-stream: the server closes the body
+    with pytest.raises(RuntimeError):
+        counted({"PATH_INFO": "/fail"}, lambda *args: None)
+    assert counted.count == 0
+
+
+def test_the_app_counts_the_requests_it_serves(app):
+    from webapp import capacity
+
+    during = []
+    app.add_url_rule("/_count", "count", lambda: str(during.append(capacity.open_requests(app))))
+    client = app.test_client()
+    assert capacity.open_requests(app) == 0
+    with client.get("/_count") as response:  # closed at the end of the block, as a server closes it
+        assert response.status_code == 200
+    assert during == [1] and capacity.open_requests(app) == 0

@@ -80,3 +80,14 @@ def test_no_window_reads_as_the_answer_comes(backend, ollama, reads):
     stream = backend.chat_stream(MESSAGES, "tinyllama")
     assert not stream.gathers
     assert "".join(chunk.text for chunk in stream) == "one two" and reads == []
+
+
+def test_a_window_given_as_a_function_is_asked_before_each_read(ollama, reads):
+    """A worker widens its windows when it reads many answers at once (generation: Registry.window):
+    a window that grows mid-answer spaces the reads after it further apart."""
+    client = llm.OllamaClient(ollama.url, read_timeout=2.0, load_timeout=3.0)
+    ollama.script(reply="".join(WORDS * 2), delay=0.02)
+    chunks = list(client.chat_stream(MESSAGES, "tinyllama", gather=lambda: 0.2 if len(reads) >= 3 else 0.03))
+    assert "".join(chunk.text for chunk in chunks) == "".join(WORDS * 2)
+    gaps = [after - before for before, after in zip(reads[1:], reads[2:], strict=False)]
+    assert gaps[0] < 0.2 and all(gap >= 0.2 - 0.001 for gap in gaps[2:]), gaps

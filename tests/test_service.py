@@ -152,6 +152,38 @@ def test_a_background_answer_is_read_in_windows_and_followed_one_event_per_windo
     assert len(tokens) <= elapsed / 0.3 + 3 < len(words)
 
 
+def test_a_worker_reading_many_answers_widens_their_windows(app, alice, ollama, monkeypatch):
+    """Past GATHER_READS_PER_SECOND x GATHER_SECONDS answers (or requests) at once, each answer's window
+    is its share of the worker's reads (up to GATHER_MAX_SECONDS), asked anew before each read: a
+    background answer started here while the worker is busy is read, and followed, in the wider windows."""
+    import time
+
+    from webapp import generation, service
+    registry = app.extensions["generations"]
+    assert registry.window() == generation.GATHER_SECONDS  # alone: the usual window
+    busy = {index: None for index in range(-1, -151, -1)}  # 150 answers being read elsewhere in this worker
+    monkeypatch.setattr(registry, "_live", busy)
+    assert generation.GATHER_SECONDS < registry.window() == pytest.approx(150 / generation.GATHER_READS_PER_SECOND)
+    busy.update({index: None for index in range(-151, -5001, -1)})
+    assert registry.window() == generation.GATHER_MAX_SECONDS
+    busy.clear()
+    requests = app.extensions["open_requests"]  # or 180 requests served at once (a burst of stream starts)
+    monkeypatch.setattr(requests, "count", 180)
+    assert registry.window() == pytest.approx(180 / generation.GATHER_READS_PER_SECOND)
+    monkeypatch.setattr(requests, "count", 0)
+    monkeypatch.setattr(generation, "GATHER_READS_PER_SECOND", 5)  # the answer alone is a busy worker now
+    monkeypatch.setattr(generation, "GATHER_SECONDS", 0.01)
+    words = [f"w{index} " for index in range(20)]
+    ollama.script(reply="".join(words), delay=0.02)
+    turn = service.start_turn(alice, "count")
+    started = time.monotonic()
+    events = list(service.follow(turn.message_id))
+    elapsed = time.monotonic() - started
+    tokens = [value for kind, value in events if kind == "token"]
+    assert "".join(tokens) == "".join(words)
+    assert len(tokens) <= elapsed / 0.2 + 3 < len(words)  # one live answer at 5 reads a second: 0.2 s
+
+
 def test_a_follower_ends_with_the_answer_not_after_its_gathering_window(app, alice, ollama, monkeypatch):
     """A follower gathers tokens for COALESCE_SECONDS before sending them on; the answer's end cuts that
     short (Live.ended), so a stream is never held back once its answer is whole."""

@@ -53,6 +53,7 @@ from flask import g, has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
+from werkzeug.wsgi import ClosingIterator
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +259,12 @@ def configure_engine(app):
 
 
 def init_app(app):
-    """After db.init_app: 503 on pool exhaustion, and SQLite's cooperative write lock."""
+    """After db.init_app: 503 on pool exhaustion, SQLite's cooperative write lock, and the count of
+    the requests this worker is serving."""
     from .extensions import db
     with app.app_context():
         install_sqlite_write_gate(db.engine)
+    app.wsgi_app = app.extensions["open_requests"] = OpenRequests(app.wsgi_app)
 
     @app.before_request
     def read_the_body_first():
@@ -279,6 +282,36 @@ def init_app(app):
     def database_busy(exc):
         log.warning("no database connection for %s %s (%s): answered 503", request.method, request.path, exc)
         return busy_response()
+
+
+class OpenRequests:
+    """WSGI middleware: how many requests this worker is serving now, open streams included (a
+    request counts from its call until its body is closed). Tells how busy the worker is, e.g. so
+    that its generations read the model in wider windows in a burst (generation: Registry.window)."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+        self.count = 0
+        self._lock = threading.Lock()  # a greenlet lock in a worker; the dev server and tests use threads
+
+    def _add(self, step):
+        with self._lock:
+            self.count += step
+
+    def __call__(self, environ, start_response):
+        self._add(1)
+        try:
+            body = self.wsgi_app(environ, start_response)
+        except BaseException:
+            self._add(-1)
+            raise
+        return ClosingIterator(body, lambda: self._add(-1))
+
+
+def open_requests(app):
+    """The requests `app` is serving in this process now (0 before init_app)."""
+    counter = app.extensions.get("open_requests")
+    return counter.count if counter is not None else 0
 
 
 def install_sqlite_write_gate(engine, lock_timeout=SQLITE_LOCK_TIMEOUT):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from flask import current_app
 from sqlalchemy.exc import DBAPIError
 
-from . import answers, llm
+from . import answers, capacity, llm
 from .extensions import db
 from .logs import request_id_var
 from .models import CANCELLED, COMPLETE, ERROR, INTERRUPTED, Message, detached, ms, stored_text
@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 # A generation in the background reads the model at most once per this long after its first token
 # (llm.Gathering), so its followers wake once per window too, not once per token (DESIGN: 25-50 ms).
 GATHER_SECONDS = 0.05
+# ...while the worker is not busy. Reading and sending cost per window, so with many answers or
+# requests at once (past GATHER_READS_PER_SECOND x GATHER_SECONDS = 50) each answer's window widens,
+# up to GATHER_MAX_SECONDS, keeping the worker's reads near that rate in all: a burst of streams
+# leaves the CPU to the new ones' first tokens (1,000 streams, bench/README.md "Eighth pass").
+GATHER_READS_PER_SECOND = 1000
+GATHER_MAX_SECONDS = 0.25
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
 QUEUE_TIMEOUT_MESSAGE = "the model was busy with other answers for too long; try again in a while"
 
@@ -265,6 +271,13 @@ class _Registry:
         with self._lock:
             return list(self._live)
 
+    def window(self):
+        """How long a generation here gathers the model's tokens between reads of its socket now: its
+        share of the worker's reads, by the answers it generates or the requests it serves (in a
+        burst, the streams still to start), whichever is more."""
+        busy = max(len(self._live), capacity.open_requests(self.app))
+        return min(GATHER_MAX_SECONDS, max(GATHER_SECONDS, busy / GATHER_READS_PER_SECOND))
+
     def _register(self, job):
         live = Live(job.message_id, job.model)
         with self._lock:
@@ -315,7 +328,7 @@ class _Registry:
         request_id_var.set(job.request_id or "-")
         with self.app.app_context():
             try:
-                Generation(job, live, client, gather=GATHER_SECONDS).run()
+                Generation(job, live, client, gather=self.window).run()
             finally:
                 with self._lock:
                     self._live.pop(job.message_id, None)
@@ -377,8 +390,9 @@ class Generation:
     """One answer being generated: stream from the LLM, flush now and then, save the outcome."""
 
     def __init__(self, job, live, client, gather=0.0):
-        # `gather` (seconds): read the model in windows (a generation in the background, which feeds
-        # followers); 0 for one run in the request that waits for the whole answer (run_here).
+        # `gather` (seconds, or a function giving them): read the model in windows (a generation in
+        # the background, which feeds followers); 0 for one run in the request that waits for the
+        # whole answer (run_here).
         self.job, self.live, self.client, self.gather = job, live, client, gather
         self.final = None
         self.started = time.monotonic()

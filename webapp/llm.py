@@ -163,12 +163,14 @@ class Gathering:
     of the window is slept out and everything that came meanwhile is taken in one read. urllib3 and
     http.client still do the HTTP (chunk sizes, the end, the connection going back to the pool);
     this only decides when bytes are fetched. A Stop shuts the socket down: it is seen after the
-    sleep, within `window`."""
+    sleep, within `window`. `window` may be a function, asked before each read: a worker widens its
+    windows when it reads many answers at once (generation: the registry's window())."""
 
     READ_MAX = 64 * 1024
 
     def __init__(self, file, window):
-        self._file, self._window = file, window
+        self._file = file
+        self._window = window if callable(window) else (lambda: window)
         self._buffer = bytearray()
         self._begun = False
         self._last_read = 0.0  # monotonic time of the last read of the socket
@@ -179,7 +181,7 @@ class Gathering:
     def _fill(self):
         """One read of the socket into the buffer, once the window is out; False at the end of the body."""
         if self._begun:
-            wait = self._last_read + self._window - time.monotonic()
+            wait = self._last_read + self._window() - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
         data = self._file.read1(self.READ_MAX)
@@ -252,7 +254,8 @@ def _gathering(response, window):
 
 class ChatStream:
     """Iterates the Chunks of one streamed answer; `abort()` may be called from any thread.
-    `gather`: once the first token is out, read the socket at most once per this many seconds (Gathering)."""
+    `gather`: once the first token is out, read the socket at most once per this many seconds (a
+    number, or a function giving it; Gathering)."""
 
     def __init__(self, response, parse_lines, read_timeout, abort=None, gather=0.0):
         self._response = response
