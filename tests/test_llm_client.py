@@ -158,3 +158,27 @@ def test_a_proxied_or_tls_model_server_is_left_to_requests(ollama, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert text_of(llm.OllamaClient(ollama.url).chat_stream(MESSAGES, "tinyllama"))[1]
     assert llm.OllamaClient("https://ollama.example")._direct is None
+
+
+@pytest.mark.parametrize("line", [
+    '{"message": {"role": "assistant", "content": "Привет, 世界 🙂"}, "done": false}',
+    '{"message": {"content": "\\ud83d\\ude42 \\u00e9"}, "done": false}',  # escaped pairs
+    '{"message": {"content": "\\ud800 alone"}, "done": false}',  # a lone surrogate: only json takes it
+    '{"done": true, "eval_count": 20, "total_duration": NaN}',     # NaN: only json takes it
+    'data: {"choices": [{"delta": {"content": "x"}}]}'[6:],
+])
+def test_stream_lines_parse_as_json_parses_them(line):
+    """The model's lines are parsed by orjson for speed; whatever json accepts still parses the same."""
+    import json
+    import math
+    expected, got = json.loads(line), llm._loads(line)
+    if "NaN" in line:
+        assert math.isnan(got["total_duration"]) and got["eval_count"] == expected["eval_count"]
+    else:
+        assert got == expected
+
+
+def test_a_line_that_is_not_json_is_still_a_value_error():
+    """What the stream's reader turns into a failed answer: json's ValueError, as before orjson."""
+    with pytest.raises(ValueError):
+        llm._loads('{"message": {"content": "cut')

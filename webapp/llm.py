@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import orjson
 import requests
 import urllib3
 
@@ -332,6 +333,15 @@ class ChatStream:
             yield buffer.decode("utf-8")
 
 
+def _loads(line):
+    """One line of a streamed answer, parsed: by orjson (a sixth of json's cost here, paid once per
+    token of every answer), or by json for what only json accepts (NaN, a lone surrogate's escape)."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+
+
 def _stream_error(exc):
     text = str(exc)
     if "timed out" in text.lower() or isinstance(exc, (requests.Timeout, socket.timeout)):
@@ -525,7 +535,7 @@ class OllamaClient(_HTTPBackend):
     @staticmethod
     def _parse(lines):
         for line in lines:
-            data = json.loads(line)
+            data = _loads(line)
             if "error" in data:  # an error after streaming began arrives as a line under status 200
                 raise UpstreamError(f"the model server failed mid-answer: {data['error']}")
             text = (data.get("message") or {}).get("content") or ""
@@ -596,7 +606,7 @@ class OpenAIClient(_HTTPBackend):
             if payload == "[DONE]":
                 yield _with_estimates(final, count, first_at)
                 return
-            data = json.loads(payload)
+            data = _loads(payload)
             if "error" in data:
                 error = data["error"]
                 raise UpstreamError(f"the model server failed mid-answer: "
