@@ -91,3 +91,67 @@ def test_a_window_given_as_a_function_is_asked_before_each_read(ollama, reads):
     assert "".join(chunk.text for chunk in chunks) == "".join(WORDS * 2)
     gaps = [after - before for before, after in zip(reads[1:], reads[2:], strict=False)]
     assert gaps[0] < 0.2 and all(gap >= 0.2 - 0.001 for gap in gaps[2:]), gaps
+
+
+@pytest.mark.parametrize("script, error", [
+    (dict(fail="midstream", fail_after=3, error="boom"), llm.UpstreamError),
+    (dict(fail="cut", fail_after=3), llm.UpstreamError),
+    (dict(fail="stall", fail_after=3, stall=3.0), llm.LLMTimeout),
+])
+def test_a_gathered_answer_fails_as_any_other(backend, ollama, script, error):
+    """The gathered body is taken out of its chunks by the app (llm._unchunked), not by urllib3: a
+    broken answer is still the same typed error, after the tokens that came."""
+    ollama.script(reply="one two three four five", delay=0.01, **script)
+    texts = []
+    with pytest.raises(error):
+        for chunk in backend.chat_stream(MESSAGES, "tinyllama", gather=0.05):
+            texts.append(chunk.text)
+    assert texts and "".join(texts) in "one two three four five"
+
+
+def _raw_server(body):
+    """A one-shot HTTP server that answers any request with this chunked `body` (bytes, framing and all)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + body)
+            time.sleep(0.5)
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.parametrize("tail", [b"zz\r\nnot a size\r\n", b"5\r\nabcdefgh\r\n"])
+def test_a_malformed_chunk_is_an_upstream_error(tail):
+    line = b'{"message": {"content": "one "}, "done": false}\n'
+    url = _raw_server(_chunk(line) + tail)
+    client = llm.OllamaClient(url, read_timeout=2.0, load_timeout=3.0)
+    stream = iter(client.chat_stream(MESSAGES, "tinyllama", gather=0.05))
+    assert next(stream).text == "one "
+    started = time.monotonic()
+    with pytest.raises(llm.UpstreamError):
+        list(stream)
+    assert time.monotonic() - started < 0.4  # said at once, not when the server hangs up (0.5 s)
+
+
+def test_chunks_split_anywhere_and_trailers_are_read_whole():
+    """Chunk sizes in any case, extensions, lines split across chunks, trailers after the last one."""
+    lines = [b'{"message": {"content": "\xd0\x9f\xd1\x80\xd0\xb8 "}, "done": false}\n',
+             b'{"message": {"content": "two"}, "done": false}\n{"message": {"content": "", "role": "assistant"},',
+             b' "done": true, "eval_count": 2}\n']
+    body = (b"%X;name=value\r\n%s\r\n" % (len(lines[0]), lines[0]) + _chunk(lines[1][:7]) + _chunk(lines[1][7:])
+            + _chunk(lines[2]) + b"0\r\nX-Trailer: yes\r\n\r\n")
+    client = llm.OllamaClient(_raw_server(body), read_timeout=2.0, load_timeout=3.0)
+    chunks = list(client.chat_stream(MESSAGES, "tinyllama", gather=0.05))
+    assert "".join(chunk.text for chunk in chunks) == "При two" and chunks[-1].done and chunks[-1].eval_count == 2
