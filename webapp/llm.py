@@ -161,11 +161,12 @@ class Gathering:
     of the reader and of every follower (reading the model was a quarter of the app's CPU in a burst
     of 1,000 streams, and the followers' wake-ups and sends as much again).
     When what is buffered runs out less than `window` after the last read from the socket, the rest
-    of the window is slept out and everything that came meanwhile is taken in one read. urllib3 and
-    http.client still do the HTTP (chunk sizes, the end, the connection going back to the pool);
-    this only decides when bytes are fetched. A Stop shuts the socket down: it is seen after the
-    sleep, within `window`. `window` may be a function, asked before each read: a worker widens its
-    windows when it reads many answers at once (generation: the registry's window())."""
+    of the window is slept out and everything that came meanwhile is taken in one read. This only
+    decides when bytes are fetched: ChatStream takes them out of their chunks (_unchunked) and gives
+    the connection back to the pool at the end; the file methods stay whole, for http.client's own
+    reads and close. A Stop shuts the socket down: it is seen after the sleep, within `window`.
+    `window` may be a function, asked before each read: a worker widens its windows when it reads
+    many answers at once (generation: the registry's window())."""
 
     READ_MAX = 64 * 1024
 
