@@ -137,28 +137,34 @@ def test_a_new_turn_uses_few_statements(app, alice, ollama, fairness):
 def test_a_background_answer_is_read_in_windows_and_followed_one_event_per_window(app, alice, ollama, monkeypatch):
     """A generation in the background reads the model once per GATHER_SECONDS after its first token
     (llm.Gathering), and its follower wakes and sends once per read, not once per token."""
+    from webapp import generation
+    monkeypatch.setattr(generation, "GATHER_SECONDS", 0.3)
+    tokens, elapsed, words = _follow_twenty_words(alice, ollama)
+    assert len(tokens) <= elapsed / 0.3 + 3 < len(words)
+
+
+def _follow_twenty_words(user, ollama):
+    """A background answer of 20 words, 20 ms apart, followed to its end: (its token events, the
+    seconds that took, the words); the events add up to the answer, as saved."""
     import time
 
-    from webapp import generation, service
-    monkeypatch.setattr(generation, "GATHER_SECONDS", 0.3)
+    from webapp import service
     words = [f"w{index} " for index in range(20)]
     ollama.script(reply="".join(words), delay=0.02)
-    turn = service.start_turn(alice, "count")
+    turn = service.start_turn(user, "count")
     started = time.monotonic()
     events = list(service.follow(turn.message_id))
     elapsed = time.monotonic() - started
     tokens = [value for kind, value in events if kind == "token"]
     assert "".join(tokens) == "".join(words) and events[-1][1].content == "".join(words)
-    assert len(tokens) <= elapsed / 0.3 + 3 < len(words)
+    return tokens, elapsed, words
 
 
 def test_a_worker_reading_many_answers_widens_their_windows(app, alice, ollama, monkeypatch):
     """Past GATHER_READS_PER_SECOND x GATHER_SECONDS answers (or requests) at once, each answer's window
     is its share of the worker's reads (up to GATHER_MAX_SECONDS), asked anew before each read: a
     background answer started here while the worker is busy is read, and followed, in the wider windows."""
-    import time
-
-    from webapp import generation, service
+    from webapp import generation
     registry = app.extensions["generations"]
     assert registry.window() == generation.GATHER_SECONDS  # alone: the usual window
     busy = {index: None for index in range(-1, -151, -1)}  # 150 answers being read elsewhere in this worker
@@ -173,14 +179,7 @@ def test_a_worker_reading_many_answers_widens_their_windows(app, alice, ollama, 
     monkeypatch.setattr(requests, "count", 0)
     monkeypatch.setattr(generation, "GATHER_READS_PER_SECOND", 5)  # the answer alone is a busy worker now
     monkeypatch.setattr(generation, "GATHER_SECONDS", 0.01)
-    words = [f"w{index} " for index in range(20)]
-    ollama.script(reply="".join(words), delay=0.02)
-    turn = service.start_turn(alice, "count")
-    started = time.monotonic()
-    events = list(service.follow(turn.message_id))
-    elapsed = time.monotonic() - started
-    tokens = [value for kind, value in events if kind == "token"]
-    assert "".join(tokens) == "".join(words)
+    tokens, elapsed, words = _follow_twenty_words(alice, ollama)
     assert len(tokens) <= elapsed / 0.2 + 3 < len(words)  # one live answer at 5 reads a second: 0.2 s
 
 
