@@ -20,13 +20,13 @@ def backend(request, ollama):
 @pytest.fixture
 def reads(monkeypatch):
     """The times the gathering reads of the socket returned."""
-    times, fill = [], llm.Gathering._fill
+    times, read = [], llm.Gathering.read1
 
     def counted(self):
-        more = fill(self)
+        data = read(self)
         times.append(time.monotonic())
-        return more
-    monkeypatch.setattr(llm.Gathering, "_fill", counted)
+        return data
+    monkeypatch.setattr(llm.Gathering, "read1", counted)
     return times
 
 

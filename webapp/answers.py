@@ -173,10 +173,9 @@ def _run_guarded(kind, params, guard):
     first and its own version of the statement (guard.statements[kind]) in a transaction of their own."""
     if guard is None:
         return execute_alone(_STARTS[kind], params)
-    if callable(guard.params):  # decided by what its lock statement read (service.token_check)
-        return execute_alone(guard.statements[kind], lambda ahead: {**params, **guard.params(ahead)},
-                             first=guard.lock)
-    return execute_alone(guard.statements[kind], {**params, **guard.params}, first=guard.lock)
+    extra = guard.params  # or a function of what its lock statement read (service.token_check)
+    merged = (lambda ahead: {**params, **extra(ahead)}) if callable(extra) else {**params, **extra}
+    return execute_alone(guard.statements[kind], merged, first=guard.lock)
 
 
 def continue_conversation(user_id, conversation_id, prompt, model, keep_model, request_id, queued=False,

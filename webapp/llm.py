@@ -155,107 +155,52 @@ class _TrackingAdapter(requests.adapters.HTTPAdapter):
 
 
 class Gathering:
-    """Stands in for http.client's buffered file under a chunked answer, so that its reader wakes at
-    most once per `window` seconds once `begin()` is called (after the first token, which goes out
-    at once). A model sends a token every ~20 ms, and a read that waits for each one costs a wake-up
-    of the reader and of every follower (reading the model was a quarter of the app's CPU in a burst
-    of 1,000 streams, and the followers' wake-ups and sends as much again).
-    When what is buffered runs out less than `window` after the last read from the socket, the rest
-    of the window is slept out and everything that came meanwhile is taken in one read. This only
-    decides when bytes are fetched: ChatStream takes them out of their chunks (_unchunked) and gives
-    the connection back to the pool at the end; the file methods stay whole, for http.client's own
-    reads and close. A Stop shuts the socket down: it is seen after the sleep, within `window`.
-    `window` may be a function, asked before each read: a worker widens its windows when it reads
-    many answers at once (generation: the registry's window())."""
+    """Reads the socket under a chunked answer at most once per `window` seconds once `begin()` is
+    called (after the first token, which goes out at once). A model sends a token every ~20 ms, and
+    a read that waits for each one costs a wake-up of the reader and of every follower (reading the
+    model was a quarter of the app's CPU in a burst of 1,000 streams, and the followers' wake-ups
+    and sends as much again). When a read comes less than `window` after the last one, the rest of
+    the window is slept out and everything that came meanwhile is taken at once. This only decides
+    when bytes are fetched: _unchunked takes them out of their chunks and gives the connection back
+    to the pool at the end. A Stop shuts the socket down: it is seen after the sleep, within
+    `window`. `window` may be a function, asked before each read: a worker widens its windows when
+    it reads many answers at once (generation: the registry's window())."""
 
     READ_MAX = 64 * 1024
 
     def __init__(self, file, window):
-        self._file = file
+        self._file = file  # http.client's buffered file of the socket, past the headers
         self._window = window if callable(window) else (lambda: window)
-        self._buffer = bytearray()
         self._begun = False
         self._last_read = 0.0  # monotonic time of the last read of the socket
 
     def begin(self):
         self._begun = True
 
-    def _fill(self):
-        """One read of the socket into the buffer, once the window is out; False at the end of the body."""
+    def read1(self):
+        """What one read of the socket brings (b"" at its end), once the window is out."""
         if self._begun:
             wait = self._last_read + self._window() - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
         data = self._file.read1(self.READ_MAX)
         self._last_read = time.monotonic()
-        self._buffer += data
-        return bool(data)
-
-    def _take(self, size):
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
         return data
-
-    def read(self, size=-1):
-        while (size is None or size < 0 or len(self._buffer) < size) and self._fill():
-            pass
-        return self._take(len(self._buffer) if size is None or size < 0 else size)
-
-    def read1(self, size=-1):
-        if not self._buffer:
-            self._fill()
-        return self._take(len(self._buffer) if size is None or size < 0 else size)
-
-    def readinto(self, target):
-        data = self.read(len(target))
-        target[:len(data)] = data
-        return len(data)
-
-    def readline(self, limit=-1):
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                size = end + 1
-                break
-            if 0 <= limit <= len(self._buffer) or not self._fill():
-                size = len(self._buffer)
-                break
-        return self._take(size if limit is None or limit < 0 else min(size, limit))
-
-    def peek(self, size=0):
-        if not self._buffer:
-            self._fill()
-        return bytes(self._buffer)
-
-    def flush(self):
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
-
-    @property
-    def closed(self):
-        return self._file.closed
-
-    def fileno(self):
-        return self._file.fileno()
 
 
 def _gathering(response, window):
-    """Puts a Gathering under a chunked, undecoded answer (what Ollama and OpenAI-compatible servers
+    """A Gathering for a chunked, undecoded answer (what Ollama and OpenAI-compatible servers
     stream); None (read as it comes) for anything else, or when `window` is 0."""
     raw = getattr(response, "raw", None)
-    inner = getattr(raw, "_fp", None)
-    file = getattr(inner, "fp", None)
+    file = getattr(getattr(raw, "_fp", None), "fp", None)
     if (not window or file is None or not getattr(raw, "chunked", False) or not hasattr(file, "read1")
             or raw.headers.get("content-encoding", "identity").lower() != "identity"):
         return None
-    inner.fp = Gathering(file, window)
-    return inner.fp
+    return Gathering(file, window)
 
 
 def _unchunked(file, raw):
-    """The body of a chunked answer, read from `file` (the Gathering under http.client) and taken out
+    """The body of a chunked answer, read from `file` (a Gathering over its socket) and taken out
     of its chunks here, all that one read brought at once: urllib3 and http.client do it one chunk
     at a time (one token each, ~5 us of Python apiece, a tenth of a burst's CPU). At the end, the
     response is marked read and its connection goes back to the pool, as theirs would be; a
