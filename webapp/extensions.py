@@ -6,6 +6,7 @@ from flask_wtf.csrf import CSRFProtect
 from htmx_flask import Htmx
 from sqlalchemy import MetaData
 
+from . import direct_sql
 from .llm_service import LLMService
 
 # Named constraints so Alembic migrations are stable on PostgreSQL and SQLite alike.
@@ -34,13 +35,18 @@ def execute_alone(statement, params, first=None):
     own (a lock, so that the statement's snapshot is taken once it is held): then the two run in
     BEGIN ... COMMIT, and `params` may be a function of `first`'s rows (raising rolls back). Returns
     the rows, fetched; None where this does not apply (SQLite, or a transaction already open in the
-    session): the caller runs the statement the usual way."""
+    session): the caller runs the statement the usual way. The statement is sent by psycopg itself
+    where it can be (webapp/direct_sql.py: SQLAlchemy's Connection costs more than the round trip)."""
     session = db.session
     if session().in_transaction():
         return None
     engine = db.engine
     if engine.dialect.name != "postgresql":
         return None
+    plan = direct_sql.plan_for(engine, statement)
+    ahead = direct_sql.plan_for(engine, first[0]) if plan is not None and first is not None else None
+    if plan is not None and (first is None or ahead is not None):
+        return direct_sql.run(engine, plan, params, first=(ahead, first[1]) if first is not None else None)
     if first is not None:
         with engine.begin() as connection:
             ahead = connection.execute(*first).all()

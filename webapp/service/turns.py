@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from flask import current_app
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, bindparam, or_, select
 
 from .. import answers, push
 from ..auth import tokens
@@ -296,17 +296,21 @@ def answer_here(turn):
     return generation.live.final  # the row as the final write stored it (made by Generation._save)
 
 
+# build_context's read, built once (the statement is kept compiled: webapp/direct_sql.py).
+_CONTEXT = select(Message.role, Message.content).where(
+    Message.conversation_id == bindparam("b_conversation_id"), Message.id < bindparam("b_answer_id"),
+    or_(Message.role == "user", and_(Message.role == "assistant", Message.status == COMPLETE))
+).order_by(Message.id.desc()).limit(bindparam("b_limit"))
+
+
 def build_context(conversation, answer_id, history=None, prompt_message=None):
     """System prompt + newest messages within the budget. Costs the same for 10 or 10,000 messages:
     one index range scan backwards from the answer, LIMIT-ed. Failed and stopped answers are left out.
     `history` given (a new conversation) skips the query."""
     config = current_app.config
     if history is None:  # read alone where it can be: a turn that started in one statement opens no transaction
-        rows = execute_read(
-            select(Message.role, Message.content).where(
-                Message.conversation_id == conversation.id, Message.id < answer_id,
-                or_(Message.role == "user", and_(Message.role == "assistant", Message.status == COMPLETE)))
-            .order_by(Message.id.desc()).limit(config["CONTEXT_MAX_MESSAGES"]), {})
+        rows = execute_read(_CONTEXT, {"b_conversation_id": conversation.id, "b_answer_id": answer_id,
+                                       "b_limit": config["CONTEXT_MAX_MESSAGES"]})
     else:
         rows = [(m.role, m.content) for m in reversed(history + [prompt_message] if prompt_message else history)]
     budget = config["CONTEXT_MAX_CHARS"] - len(conversation.system_prompt or "")

@@ -1,0 +1,123 @@
+"""The few statements a turn runs alone (extensions.execute_alone), sent by psycopg itself.
+
+On PostgreSQL, SQLAlchemy's Connection costs more CPU than the statement's round trip: checking a
+connection out and switching it to autocommit and back, an execution context, result metadata and
+event hooks are ~0.2-0.3 ms a statement on a slow core, against ~0.15 ms for psycopg to send the
+same statement and read its rows. Here the statement is compiled once (SQLAlchemy's own compiler:
+the same SQL) and run on a connection of the same pool (its budget, its idle-ping and reset on
+return), its parameters bound by the statement's own types, its rows passed through their types'
+result processors. A database error is raised as SQLAlchemy raises it (a DBAPIError subclass,
+with `.orig`), and a connection that broke is thrown away, not given back.
+
+What is not taken here, and goes through SQLAlchemy as before: a statement seen for the first time
+(one built per call would pay its compilation each time; from the second run of the same object
+on, it is compiled and kept), a statement SQLAlchemy completes at execution (a column default or
+onupdate computed in Python, an IN-list expanded), and every statement while something listens
+to the engine's statements (before/after_cursor_execute: tracing, the tests that count
+statements), so they see them all."""
+import weakref
+
+from psycopg.rows import namedtuple_row
+from sqlalchemy import exc
+
+_seen = weakref.WeakSet()  # statements run once: their next run compiles them here
+_plans = weakref.WeakKeyDictionary()  # statement -> _Plan, for the dialect it was compiled for
+
+
+class _Plan:
+    __slots__ = ("dialect", "compiled", "sql", "binds", "results")
+
+    def __init__(self, statement, dialect):
+        compiled = statement.compile(dialect=dialect)
+        self.dialect, self.compiled, self.sql = dialect, compiled, compiled.string
+        self.binds = compiled._bind_processors  # the types' bind processing, as SQLAlchemy applies it
+        processors = [type_._cached_result_processor(dialect, None) for *_, type_ in compiled._result_columns]
+        self.results = processors if any(processors) else None
+
+    @property
+    def direct(self):
+        """Nothing left for SQLAlchemy to do at execution: no column default or onupdate computed in
+        Python (prefetch), no IN-list expanded."""
+        compiled = self.compiled
+        return not (compiled.insert_prefetch or compiled.update_prefetch or compiled.post_compile_params
+                    or compiled.literal_execute_params)
+
+    def parameters(self, params):
+        values = self.compiled.construct_params(params)
+        for name, process in self.binds.items():
+            if name in values:
+                values[name] = process(values[name])
+        return values
+
+    def rows(self, cursor):
+        rows = cursor.fetchall() if cursor.description is not None else []
+        if self.results is None or not rows:
+            return rows
+        make = type(rows[0])
+        return [make(*[value if process is None else process(value)
+                       for value, process in zip(row, self.results, strict=True)]) for row in rows]
+
+
+def plan_for(engine, statement):
+    """The statement's _Plan if it may run here now, else None (see the module docstring)."""
+    dispatch = engine.dispatch
+    if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+        return None
+    try:
+        plan = _plans.get(statement)
+        if plan is None or plan.dialect is not engine.dialect:
+            if statement not in _seen:
+                _seen.add(statement)
+                return None
+            plan = _plans[statement] = _Plan(statement, engine.dialect)
+    except TypeError:  # not weakly referenceable: never kept
+        return None
+    return plan if plan.direct else None
+
+
+def run(engine, plan, params, first=None):
+    """Run `plan` with `params` on a pooled connection: in autocommit (one statement, its own
+    transaction), or after `first` = (plan, params) in one transaction, `params` then possibly a
+    function of `first`'s rows. Returns the rows (named tuples)."""
+    fairy = engine.raw_connection()
+    connection = fairy.driver_connection
+    current = None
+    try:
+        connection.autocommit = first is None
+        with connection.cursor(row_factory=namedtuple_row) as cursor:
+            if first is not None:
+                current = first[0]
+                cursor.execute(current.sql, current.parameters(first[1]))
+                ahead = current.rows(cursor)
+                params = params(ahead) if callable(params) else params
+            current = plan
+            cursor.execute(plan.sql, plan.parameters(params))
+            rows = plan.rows(cursor)
+        if first is not None:
+            connection.commit()
+        connection.autocommit = False
+        return rows
+    except engine.dialect.loaded_dbapi.Error as error:
+        _discard_or_roll_back(fairy, connection, error, engine.dialect)
+        raise exc.DBAPIError.instance(current.sql if current else None, params, error,
+                                      engine.dialect.loaded_dbapi.Error, dialect=engine.dialect,
+                                      connection_invalidated=not fairy.is_valid) from error
+    except Exception as error:  # e.g. `params` refused what `first` read: nothing was written
+        _discard_or_roll_back(fairy, connection, error, engine.dialect)
+        raise
+    except BaseException as error:  # killed mid-statement (a greenlet's exit): the connection's state is unknown
+        fairy.invalidate(error)
+        raise
+    finally:
+        fairy.close()  # back to the pool, or, invalidated, closed
+
+
+def _discard_or_roll_back(fairy, connection, error, dialect):
+    if isinstance(error, dialect.loaded_dbapi.Error) and dialect.is_disconnect(error, connection, None):
+        fairy.invalidate(error)
+        return
+    try:
+        connection.rollback()
+        connection.autocommit = False
+    except Exception as again:
+        fairy.invalidate(again)
