@@ -76,10 +76,13 @@ def test_stop_ends_a_gathering_stream_within_its_window(ollama):
 
 
 def test_no_window_reads_as_the_answer_comes(backend, ollama, reads):
-    ollama.script(reply="one two", delay=0.01)
+    """Without a window (a turn answered whole, in its request) the app still takes the answer out of
+    its chunks itself, but reads the socket as each token comes."""
+    ollama.script(reply="".join(WORDS), delay=0.03)
     stream = backend.chat_stream(MESSAGES, "tinyllama")
     assert not stream.gathers
-    assert "".join(chunk.text for chunk in stream) == "one two" and reads == []
+    assert "".join(chunk.text for chunk in stream) == "".join(WORDS)
+    assert len(reads) >= len(WORDS) - 2  # about one read per token: nothing waited for more
 
 
 def test_a_window_given_as_a_function_is_asked_before_each_read(ollama, reads):
@@ -98,13 +101,14 @@ def test_a_window_given_as_a_function_is_asked_before_each_read(ollama, reads):
     (dict(fail="cut", fail_after=3), llm.UpstreamError),
     (dict(fail="stall", fail_after=3, stall=3.0), llm.LLMTimeout),
 ])
-def test_a_gathered_answer_fails_as_any_other(backend, ollama, script, error):
+@pytest.mark.parametrize("window", [0.05, 0])
+def test_a_gathered_answer_fails_as_any_other(backend, ollama, script, error, window):
     """The gathered body is taken out of its chunks by the app (llm._unchunked), not by urllib3: a
     broken answer is still the same typed error, after the tokens that came."""
     ollama.script(reply="one two three four five", delay=0.01, **script)
     texts = []
     with pytest.raises(error):
-        for chunk in backend.chat_stream(MESSAGES, "tinyllama", gather=0.05):
+        for chunk in backend.chat_stream(MESSAGES, "tinyllama", gather=window):
             texts.append(chunk.text)
     assert texts and "".join(texts) in "one two three four five"
 
@@ -132,12 +136,13 @@ def _chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+@pytest.mark.parametrize("window", [0.05, 0])
 @pytest.mark.parametrize("tail", [b"zz\r\nnot a size\r\n", b"5\r\nabcdefgh\r\n"])
-def test_a_malformed_chunk_is_an_upstream_error(tail):
+def test_a_malformed_chunk_is_an_upstream_error(tail, window):
     line = b'{"message": {"content": "one "}, "done": false}\n'
     url = _raw_server(_chunk(line) + tail)
     client = llm.OllamaClient(url, read_timeout=2.0, load_timeout=3.0)
-    stream = iter(client.chat_stream(MESSAGES, "tinyllama", gather=0.05))
+    stream = iter(client.chat_stream(MESSAGES, "tinyllama", gather=window))
     assert next(stream).text == "one "
     started = time.monotonic()
     with pytest.raises(llm.UpstreamError):
@@ -145,7 +150,8 @@ def test_a_malformed_chunk_is_an_upstream_error(tail):
     assert time.monotonic() - started < 0.4  # said at once, not when the server hangs up (0.5 s)
 
 
-def test_chunks_split_anywhere_and_trailers_are_read_whole():
+@pytest.mark.parametrize("window", [0.05, 0])
+def test_chunks_split_anywhere_and_trailers_are_read_whole(window):
     """Chunk sizes in any case, extensions, lines split across chunks, trailers after the last one."""
     lines = [b'{"message": {"content": "\xd0\x9f\xd1\x80\xd0\xb8 "}, "done": false}\n',
              b'{"message": {"content": "two"}, "done": false}\n{"message": {"content": "", "role": "assistant"},',
@@ -153,5 +159,5 @@ def test_chunks_split_anywhere_and_trailers_are_read_whole():
     body = (b"%X;name=value\r\n%s\r\n" % (len(lines[0]), lines[0]) + _chunk(lines[1][:7]) + _chunk(lines[1][7:])
             + _chunk(lines[2]) + b"0\r\nX-Trailer: yes\r\n\r\n")
     client = llm.OllamaClient(_raw_server(body), read_timeout=2.0, load_timeout=3.0)
-    chunks = list(client.chat_stream(MESSAGES, "tinyllama", gather=0.05))
+    chunks = list(client.chat_stream(MESSAGES, "tinyllama", gather=window))
     assert "".join(chunk.text for chunk in chunks) == "При two" and chunks[-1].done and chunks[-1].eval_count == 2

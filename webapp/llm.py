@@ -190,10 +190,11 @@ class Gathering:
 
 def _gathering(response, window):
     """A Gathering for a chunked, undecoded answer (what Ollama and OpenAI-compatible servers
-    stream); None (read as it comes) for anything else, or when `window` is 0."""
+    stream), taken out of its chunks by _unchunked; with a `window` of 0 it reads as bytes come.
+    None for anything else: urllib3 reads it."""
     raw = getattr(response, "raw", None)
     file = getattr(getattr(raw, "_fp", None), "fp", None)
-    if (not window or file is None or not getattr(raw, "chunked", False) or not hasattr(file, "read1")
+    if (file is None or not getattr(raw, "chunked", False) or not hasattr(file, "read1")
             or raw.headers.get("content-encoding", "identity").lower() != "identity"):
         return None
     return Gathering(file, window)
@@ -257,6 +258,7 @@ class ChatStream:
         self._parse_lines = parse_lines
         self._abort = abort or Abort()
         self._gathering = _gathering(response, gather)
+        self._windowed = bool(gather) and self._gathering is not None
         sock = _socket_of(response)
         if sock is not None:
             self._abort.attach(sock)
@@ -267,7 +269,7 @@ class ChatStream:
     @property
     def gathers(self):
         """True when the answer is read in windows (Gathering), once its first token is out."""
-        return self._gathering is not None
+        return self._windowed
 
     def abort(self):
         self._abort()
