@@ -187,3 +187,16 @@ def test_a_statement_relying_on_python_side_defaults_goes_through_sqlalchemy(ctx
                               .where(Conversation.title == "defaults")).all()
     db.session.rollback()
     assert len(rows) == 3 and all(row[0] == "" and row[1] == 0 and row[2] is not None for row in rows)
+
+
+def test_placeholders_repeated_names_percent_signs_and_long_statements(ctx, sa_executes):
+    """The SQL goes to psycopg with PostgreSQL's own $n placeholders: a name used twice is one
+    parameter, a literal % stays one, and a statement over psycopg's 4 KiB conversion cache works."""
+    from webapp.extensions import execute_alone
+    padding = "x" * 5000
+    statement = select(text(f"CAST(:v AS integer) + CAST(:v AS integer) AS twice, '5%' AS pct, "
+                            f"length('{padding}') AS long, CAST(:w AS text) AS w"))
+    for n in range(3):
+        (row,) = execute_alone(statement, {"v": n, "w": "%(v)s"})
+        assert (row.twice, row.pct, row.long, row.w) == (2 * n, "5%", 5000, "%(v)s")
+    assert sa_executes.count(statement) == 1
