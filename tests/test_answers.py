@@ -120,6 +120,35 @@ def test_stop_requests_and_deleted_answers_are_both_cancelled(app, conversation)
     assert answers.cancel_requested([answer.id, 999_999]) == [answer.id, 999_999]  # the missing one was deleted
 
 
+def test_the_watchdogs_statements_over_many_answers_do_not_grow_with_them(app, conversation):
+    """Stop flags and heartbeats are read and written for all of a worker's answers every tick: with
+    500 answers, the same statement as with 2 (one array on PostgreSQL, not a parameter per id)."""
+    from sqlalchemy import event
+
+    from webapp import answers
+    from webapp.extensions import db
+    _, answer = answers.open_answer(conversation, "tinyllama", None, prompt="hello")
+    db.session.commit()
+    answers.request_cancel(answer.id)
+    statements = []
+
+    def record(connection, cursor, statement, *args):
+        statements.append(statement)
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        many = [answer.id, *range(10_000_000, 10_000_499)]
+        assert answers.cancel_requested(many) == many  # flagged, and the rest deleted (missing)
+        assert answers.cancel_requested([answer.id, 10_000_000]) == [answer.id, 10_000_000]
+        answers.beat(many)
+        answers.beat([answer.id])
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    if db.engine.dialect.name == "postgresql":
+        assert statements[0] == statements[1] and statements[2] == statements[3] and len(statements[0]) < 1000
+    else:
+        assert len(statements[0]) > len(statements[1])  # SQLite: a plain IN list
+
+
 def test_a_heartbeat_skips_rows_another_transaction_holds_instead_of_waiting(app, conversation, database_url):
     """The watchdog's heartbeat must not wait on a row a flush or a batch of final saves holds: they
     lock rows in id order and the heartbeat's UPDATE ... IN in table order, and waiting deadlocked
