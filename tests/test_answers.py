@@ -213,6 +213,52 @@ def test_finish_many_saves_answers_ending_together_in_one_transaction(app, conve
     assert [reload(Conversation, c).active_message_id for _, c in opened[:2]] == [None, None]
 
 
+def test_many_answers_are_flushed_and_ended_together_in_one_statement_each(app, conversation):
+    """The watchdog's flush and a batch of final saves over many answers: each answer's own text and
+    outcome, a final answer left alone by a late flush; on PostgreSQL one statement each, whatever
+    the count (arrays, not executemany). Run twice: a statement seen again is sent by psycopg itself."""
+    from sqlalchemy import event
+
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation, Message
+    rows = [Conversation(user_id=1, title=f"t{i}", model="tinyllama", system_prompt="", message_count=0)
+            for i in range(5)]
+    db.session.add_all(rows)
+    db.session.commit()
+    opened = []
+    for row in [conversation, *rows]:
+        _, answer = answers.open_answer(reload(Conversation, row.id), "tinyllama", None, prompt="hi")
+        db.session.commit()
+        opened.append((answer.id, row.id))
+    statements = []
+
+    def record(connection, cursor, statement, *args):
+        statements.append(statement)
+    for round_ in range(2):
+        answers.flush({message_id: f"r{round_} m{message_id}\x00" for message_id, _ in opened})
+        assert {reload(Message, m).content for m, _ in opened} == {f"r{round_} m{m}\ufffd" for m, _ in opened}
+    assert {reload(Message, m).status for m, _ in opened} == {"streaming"}
+    usage = {"done_reason": "stop", "completion_tokens": 4}
+    for batch in (opened[:2], opened[2:4]):  # SQLAlchemy's first run, then psycopg's
+        assert answers.finish_many([(m, c, "complete", f"end {m}", None, None, usage) for m, c in batch]) == {
+            m for m, _ in batch}
+    second = opened[4:]
+    event.listen(db.engine, "before_cursor_execute", record)  # (listened to: through SQLAlchemy again)
+    try:
+        saved = answers.finish_many([(m, c, "complete", f"end {m}", None, None, usage) for m, c in second])
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert saved == {m for m, _ in second}
+    answers.flush({message_id: "late" for message_id, _ in opened})  # after the end: changes nothing
+    for message_id, conversation_id in opened:
+        message = reload(Message, message_id)
+        assert (message.status, message.content, message.completion_tokens) == ("complete", f"end {message_id}", 4)
+        assert reload(Conversation, conversation_id).active_message_id is None
+    if db.engine.dialect.name == "postgresql":
+        assert len(statements) == 1  # the second batch: saves and releases in one statement
+
+
 def test_an_answer_ending_alone_is_saved_and_freed_in_one_go(app, conversation):
     """finish_many with one answer (PostgreSQL: one statement in autocommit, webapp.answers._finish_alone):
     the outcome is written, the conversation freed, and the connection left with no transaction; a row

@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import ServiceError, not_found
-from .extensions import db, execute_alone
+from .extensions import db, execute_alone, execute_write
 from .models import (
     ACTIVE_STATUSES,
     COMPLETE,
@@ -424,13 +424,44 @@ def flush(texts):
     """Save the text so far of several answers ({message id: text}) in one transaction, one
     executemany: a worker's flushes cost one commit per tick, however many answers it runs. The
     first flush of an answer marks it 'streaming'; an answer already final is left alone."""
-    table = Message.__table__
-    # or_ of equalities, not in_(): an IN list is an "expanding" parameter, which executemany refuses.
-    db.session.execute(update(table).where(table.c.id == bindparam("message_id"),
-                                           or_(*(table.c.status == status for status in RUNNING_STATUSES)))
-                       .values(content=bindparam("text"), status=STREAMING, heartbeat_at=utcnow()),
-                       [{"message_id": message_id, "text": text} for message_id, text in sorted(texts.items())])
+    items = sorted(texts.items())
+    if db.engine.dialect.name == "postgresql":  # one statement, whatever the count (_FLUSH_ALL)
+        execute_write(_FLUSH_ALL, {"b_ids": [message_id for message_id, _ in items],
+                                   "b_texts": [text for _, text in items], "b_now": utcnow()})
+        return
+    db.session.execute(_FLUSH_ONE.values(heartbeat_at=utcnow()),
+                       [{"message_id": message_id, "text": text} for message_id, text in items])
     db.session.commit()
+
+
+_RUNNING = or_(*(MESSAGES.c.status == status for status in RUNNING_STATUSES))  # not in_(): no expanding list
+_FLUSH_ONE = update(MESSAGES).where(MESSAGES.c.id == bindparam("message_id"), _RUNNING).values(
+    content=bindparam("text"), status=STREAMING)
+
+
+def _locked_in_id_order(ids):
+    """A CTE that locks these messages' rows in id order first, for a statement that writes several:
+    flush and finish_many lock rows in the same order, so the two cannot deadlock (a join over an
+    array locks them in whatever order its plan reads them)."""
+    return select(MESSAGES.c.id).where(MESSAGES.c.id == any_(ids)).order_by(MESSAGES.c.id).with_for_update().cte()
+
+
+def _given(name, **arrays):
+    """unnest(arrays...) AS name(columns...): one row per answer, from one array parameter per column."""
+    return func.unnest(*arrays.values()).table_valued(*arrays).render_derived(name=name)
+
+
+def _flush_all_statement():
+    """PostgreSQL's flush: every answer's text in ONE statement over two arrays, not a statement per
+    answer in an executemany (500 answers: ~6 ms of CPU against ~46 ms)."""
+    ids = bindparam("b_ids", type_=ARRAY(Integer))
+    given = _given("given", id=ids, text=bindparam("b_texts", type_=ARRAY(MESSAGES.c.content.type)))
+    locked = _locked_in_id_order(ids)
+    return update(MESSAGES).where(MESSAGES.c.id == given.c.id, MESSAGES.c.id.in_(select(locked.c.id)), _RUNNING).values(
+        content=given.c.text, status=STREAMING, heartbeat_at=bindparam("b_now"))
+
+
+_FLUSH_ALL = _flush_all_statement()
 
 
 def beat(message_ids):
@@ -508,6 +539,10 @@ def finish_many(items):
         saved = _finish_alone({**messages, **releases}, usage_keys)
         if saved is not None:
             return saved
+    elif db.engine.dialect.name == "postgresql":
+        rows = execute_alone(_finish_all_statement(usage_keys), _arrays(items, usage_keys, now))
+        if rows is not None:
+            return {message_id for message_id, in rows}
     try:
         saved = db.session.execute(_finish_many_statement(usage_keys), messages).rowcount
         db.session.execute(_RELEASE_AT, releases)
@@ -538,6 +573,39 @@ def _finish_alone_statement(usage_keys):
     freed = update(CONVERSATIONS).where(*_RELEASE_WHERE).values(active_message_id=None,
                                                                 updated_at=bindparam("b_now")).cte("freed")
     return select(func.count()).select_from(saved).add_cte(freed)
+
+
+def _arrays(items, usage_keys, now):
+    """finish_many's items as _finish_all_statement's parameters: one array per column."""
+    columns = list(zip(*items, strict=True))
+    usages = [usage or {} for usage in columns[6]]
+    return {"b_ids": list(columns[0]), "b_conversation_ids": list(columns[1]), "b_statuses": list(columns[2]),
+            "b_texts": list(columns[3]), "b_codes": list(columns[4]), "b_errors": list(columns[5]), "b_now": now,
+            **{"u_" + key: [usage.get(key) for usage in usages] for key in usage_keys}}
+
+
+@functools.cache
+def _finish_all_statement(usage_keys):
+    """PostgreSQL, several answers ending together: their final writes and their conversations'
+    releases in ONE statement over one array per column (_arrays), not two statements per answer
+    in executemany; rows locked in id order first, as flush locks them. Returns the ids saved."""
+    m = MESSAGES.c
+    ids = bindparam("b_ids", type_=ARRAY(Integer))
+
+    def array(name, column):
+        return bindparam(name, type_=ARRAY(column.type))
+    given = _given("given", id=ids, conversation_id=array("b_conversation_ids", m.conversation_id),
+                   status=array("b_statuses", m.status), text=array("b_texts", m.content),
+                   code=array("b_codes", m.error_code), error=array("b_errors", m.error),
+                   **{key: array("u_" + key, m[key]) for key in usage_keys})
+    locked = _locked_in_id_order(ids)
+    saved = update(MESSAGES).where(m.id == given.c.id, m.id.in_(select(locked.c.id))).values(
+        content=given.c.text, status=given.c.status, error_code=given.c.code, error=given.c.error,
+        heartbeat_at=bindparam("b_now"), **{key: given.c[key] for key in usage_keys}).returning(m.id).cte("saved")
+    freed = update(CONVERSATIONS).where(
+        CONVERSATIONS.c.id == given.c.conversation_id, CONVERSATIONS.c.active_message_id == given.c.id).values(
+        active_message_id=None, updated_at=bindparam("b_now")).cte("freed")
+    return select(saved.c.id).add_cte(freed)
 
 
 @functools.cache

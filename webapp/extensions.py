@@ -50,9 +50,13 @@ def execute_alone(statement, params, first=None):
     if first is not None:
         with engine.begin() as connection:
             ahead = connection.execute(*first).all()
-            return connection.execute(statement, params(ahead) if callable(params) else params).all()
+            return _rows(connection.execute(statement, params(ahead) if callable(params) else params))
     with _autocommit(engine).connect() as connection:
-        return connection.execute(statement, params).all()
+        return _rows(connection.execute(statement, params))
+
+
+def _rows(result):
+    return result.all() if result.returns_rows else []  # a write with no RETURNING: no rows
 
 
 def execute_read(statement, params):
