@@ -421,9 +421,10 @@ def place_in_line(message_id, model):
 # ---- while generating -----------------------------------------------------------------------------
 
 def flush(texts):
-    """Save the text so far of several answers ({message id: text}) in one transaction, one
-    executemany: a worker's flushes cost one commit per tick, however many answers it runs. The
-    first flush of an answer marks it 'streaming'; an answer already final is left alone."""
+    """Save the text so far of several answers ({message id: text}) in one transaction (on
+    PostgreSQL one statement over arrays, on SQLite one executemany): a worker's flushes cost one
+    commit per tick, however many answers it runs. The first flush of an answer marks it
+    'streaming'; an answer already final is left alone."""
     items = sorted(texts.items())
     if db.engine.dialect.name == "postgresql":  # one statement, whatever the count (_FLUSH_ALL)
         execute_write(_FLUSH_ALL, {"b_ids": [message_id for message_id, _ in items],
