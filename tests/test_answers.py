@@ -21,6 +21,23 @@ def conversation(app):
         yield row
 
 
+def _answers_in_new_conversations(conversation, more):
+    """An answer opened in `conversation` and in `more` new ones: [(answer id, conversation id)]."""
+    from webapp import answers
+    from webapp.extensions import db
+    from webapp.models import Conversation
+    rows = [Conversation(user_id=1, title=f"t{i}", model="tinyllama", system_prompt="", message_count=0)
+            for i in range(more)]
+    db.session.add_all(rows)
+    db.session.commit()
+    opened = []
+    for row in [conversation, *rows]:
+        _, answer = answers.open_answer(reload(Conversation, row.id), "tinyllama", None, prompt="hi")
+        db.session.commit()
+        opened.append((answer.id, row.id))
+    return opened
+
+
 def reload(model, row_id):
     from webapp.extensions import db
     db.session.expire_all()
@@ -187,15 +204,7 @@ def test_finish_many_saves_answers_ending_together_in_one_transaction(app, conve
     from webapp import answers
     from webapp.extensions import db
     from webapp.models import Conversation, Message
-    others = [Conversation(user_id=1, title=f"t{i}", model="tinyllama", system_prompt="", message_count=0)
-              for i in range(2)]
-    db.session.add_all(others)
-    db.session.commit()
-    opened = []
-    for row in [conversation, *others]:
-        _, answer = answers.open_answer(reload(Conversation, row.id), "tinyllama", None, prompt="hi")
-        db.session.commit()
-        opened.append((answer.id, row.id))
+    opened = _answers_in_new_conversations(conversation, 2)
     gone_id, gone_conversation = opened[2]
     db.session.delete(reload(Message, gone_id))
     db.session.commit()
@@ -222,15 +231,7 @@ def test_many_answers_are_flushed_and_ended_together_in_one_statement_each(app, 
     from webapp import answers
     from webapp.extensions import db
     from webapp.models import Conversation, Message
-    rows = [Conversation(user_id=1, title=f"t{i}", model="tinyllama", system_prompt="", message_count=0)
-            for i in range(5)]
-    db.session.add_all(rows)
-    db.session.commit()
-    opened = []
-    for row in [conversation, *rows]:
-        _, answer = answers.open_answer(reload(Conversation, row.id), "tinyllama", None, prompt="hi")
-        db.session.commit()
-        opened.append((answer.id, row.id))
+    opened = _answers_in_new_conversations(conversation, 5)
     statements = []
 
     def record(connection, cursor, statement, *args):
