@@ -200,3 +200,24 @@ def test_placeholders_repeated_names_percent_signs_and_long_statements(ctx, sa_e
         (row,) = execute_alone(statement, {"v": n, "w": "%(v)s"})
         assert (row.twice, row.pct, row.long, row.w) == (2 * n, "5%", 5000, "%(v)s")
     assert sa_executes.count(statement) == 1
+
+
+def test_numeric_columns_come_back_as_sqlalchemy_gives_them(ctx, sa_executes):
+    """A numeric column's result processor depends on the type the server sent (known only once the
+    statement ran): the direct path asks for it then, and returns what SQLAlchemy returns."""
+    from decimal import Decimal
+
+    from sqlalchemy import Float, Numeric, cast, func
+
+    from webapp.extensions import db, execute_alone
+    statement = select(cast(bindparam("v"), Numeric(10, 2)).label("money"),
+                       cast(bindparam("v"), Float).label("ratio"),
+                       func.extract("epoch", func.now()).label("epoch"))
+    with db.engine.connect() as connection:
+        (expected,) = connection.execute(statement, {"v": "12.5"}).all()
+    sa_executes.clear()
+    for _ in range(3):
+        (row,) = execute_alone(statement, {"v": "12.5"})
+        assert (row.money, row.ratio) == (Decimal("12.50"), 12.5)
+        assert [type(value) for value in row] == [type(value) for value in expected]
+    assert sa_executes.count(statement) == 1

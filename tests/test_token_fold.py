@@ -131,3 +131,48 @@ def test_a_bad_body_with_a_good_token_is_the_body_s_error(api):
     assert client.post("/chat/", json={"prompt": "x", "conversation_id": "7"}, headers=auth).status_code == 422
     missing = client.post("/chat/", json={"prompt": "x", "conversation_id": 999}, headers=auth)
     assert missing.status_code == 404 and counts(app) == (0, 0)
+
+
+def test_the_check_holds_on_every_turn_not_only_the_first(api):
+    """The start's statements are kept compiled and sent by psycopg from their second run on
+    (webapp/direct_sql.py): the token's row is read and judged the same on the fifth turn as on
+    the first, accepted or refused."""
+    app, client, _ = api
+    token = login_token(client)
+    conversation_id = None
+    for n in range(5):
+        body = {"prompt": f"turn {n}"} if n % 2 == 0 else {"prompt": f"turn {n}", "conversation_id": conversation_id}
+        response = client.post("/chat/", json=body, headers=bearer(token))
+        assert response.status_code == 200, (n, response.get_json())
+        conversation_id = response.get_json()["conversation_id"]
+    before = counts(app)
+    revoke(app, client, token, None)
+    for n in range(4):
+        body = {"prompt": "new"} if n % 2 == 0 else {"prompt": "next", "conversation_id": conversation_id}
+        response = client.post("/chat/", json=body, headers=bearer(token))
+        assert response.status_code == 401, (n, response.get_json())
+        assert response.get_json()["error"]["message"] == "token was revoked"
+    assert counts(app) == before
+
+
+def test_each_start_statement_is_compiled_once(api, monkeypatch):
+    """The starts are built once and kept compiled by webapp/direct_sql.py from their second run
+    (compiling the guarded start costs several milliseconds): turns after the first few compile
+    nothing, with the limits on or off."""
+    from webapp import direct_sql
+    app, client, _ = api
+    compiled = []
+    original = direct_sql._Plan.__init__
+
+    def counting(self, statement, dialect):
+        compiled.append(statement)
+        original(self, statement, dialect)
+    monkeypatch.setattr(direct_sql._Plan, "__init__", counting)
+    auth = bearer(login_token(client))
+    conversation_id = None
+    for n in range(8):
+        body = {"prompt": f"turn {n}"} if n % 2 == 0 else {"prompt": f"turn {n}", "conversation_id": conversation_id}
+        response = client.post("/chat/", json=body, headers=auth)
+        assert response.status_code == 200, response.get_json()
+        conversation_id = response.get_json()["conversation_id"]
+    assert len(compiled) == len({id(statement) for statement in compiled})

@@ -26,6 +26,9 @@ _seen = weakref.WeakSet()  # statements run once: their next run compiles them h
 _plans = weakref.WeakKeyDictionary()  # statement -> _Plan, for the dialect it was compiled for
 
 
+_UNRESOLVED = object()
+
+
 class _Plan:
     __slots__ = ("dialect", "compiled", "sql", "names", "binds", "results")
 
@@ -34,8 +37,7 @@ class _Plan:
         self.dialect, self.compiled = dialect, compiled
         self.sql, self.names = _numbered(compiled.string)
         self.binds = compiled._bind_processors  # the types' bind processing, as SQLAlchemy applies it
-        processors = [type_._cached_result_processor(dialect, None) for *_, type_ in compiled._result_columns]
-        self.results = processors if any(processors) else None
+        self.results = _UNRESOLVED  # the columns' result processors, known at the first run
 
     @property
     def direct(self):
@@ -53,12 +55,27 @@ class _Plan:
         return [values[name] for name in self.names]
 
     def rows(self, cursor):
-        rows = cursor.fetchall() if cursor.description is not None else []
+        if cursor.description is None:
+            return []
+        if self.results is _UNRESOLVED:
+            self.results = self._result_processors(cursor.description)
+        rows = cursor.fetchall()
         if self.results is None or not rows:
             return rows
         make = type(rows[0])
         return [make(*[value if process is None else process(value)
                        for value, process in zip(row, self.results, strict=True)]) for row in rows]
+
+
+    def _result_processors(self, description):
+        """What SQLAlchemy applies to each column, given the column's type as the server sent it (a
+        numeric's processor depends on it), or None when no column needs one."""
+        types = [type_ for *_, type_ in self.compiled._result_columns]
+        if len(types) != len(description):  # columns of text: no types known, nothing to apply
+            return None
+        processors = [type_._cached_result_processor(self.dialect, column.type_code)
+                      for type_, column in zip(types, description, strict=True)]
+        return processors if any(processors) else None
 
 
 _PLACEHOLDER = re.compile(r"%%|%\(([^)]+)\)s")
@@ -85,13 +102,13 @@ def plan_for(engine, statement):
         return None
     try:
         plan = _plans.get(statement)
-        if plan is None or plan.dialect is not engine.dialect:
-            if statement not in _seen:
-                _seen.add(statement)
-                return None
-            plan = _plans[statement] = _Plan(statement, engine.dialect)
     except TypeError:  # not weakly referenceable: never kept
         return None
+    if plan is None or plan.dialect is not engine.dialect:
+        if statement not in _seen:
+            _seen.add(statement)
+            return None
+        plan = _plans[statement] = _Plan(statement, engine.dialect)
     return plan if plan.direct else None
 
 

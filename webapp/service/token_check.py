@@ -72,7 +72,7 @@ class LockedFold:
         self._guard = None
 
     def params(self, rows):
-        values = {name: rows[0]._mapping[name] for name in tokens.VERIFIED_COLUMNS} if rows else None
+        values = {name: rows[0]._asdict()[name] for name in tokens.VERIFIED_COLUMNS} if rows else None
         user = self.credential.accept(values)
         self._guard = guard_for(user) or guard_for(user, limits=(0, 0))
         return self._guard.params
