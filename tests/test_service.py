@@ -30,6 +30,35 @@ def test_a_turn_saves_the_prompt_before_the_model_answers(app, alice, ollama):
     assert service.get_conversation(alice, turn.conversation_id).message_count == 2
 
 
+def test_waiting_for_an_answer_that_just_ended_reads_nothing(app, alice, ollama, monkeypatch):
+    """A fast answer may end before its request starts waiting for it (/v1 waits this way): its
+    final row, as its save stored it, is still at hand in memory for a few seconds; after that
+    the row is read."""
+    import time
+
+    from webapp import generation, service
+    from webapp.extensions import db
+    from webapp.generation import generations
+    ollama.script(reply="Quick.")
+    turn = service.start_turn(alice, "Hi!")
+    deadline = time.monotonic() + 5
+    while generations.get(turn.message_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert generations.get(turn.message_id) is None  # ended, no longer live
+    statements = []
+
+    def record(connection, cursor, statement, *args):
+        statements.append(statement)
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        final = service.wait_final(turn.message_id, timeout=5)
+        assert (final.status, final.content) == ("complete", "Quick.") and statements == []
+        monkeypatch.setattr(generation, "ENDED_SECONDS", 0.0)  # long ago: the row is read
+        assert service.wait_final(turn.message_id, timeout=5).content == "Quick." and statements
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+
+
 def test_one_answer_at_a_time_per_conversation(app, alice, ollama):
     from webapp import service
     from webapp.errors import ServiceError

@@ -40,6 +40,7 @@ GATHER_SECONDS = 0.05
 # leaves the CPU to the new ones' first tokens (1,000 streams, bench/README.md "Eighth pass").
 GATHER_READS_PER_SECOND = 1000
 GATHER_MAX_SECONDS = 0.25
+ENDED_SECONDS = 5.0  # how long an ended generation's final row stays at hand (_Registry._forget)
 WATCHDOG_TICK = 0.2  # seconds: Stop from another worker closes the upstream within about this
 QUEUE_TIMEOUT_MESSAGE = "the model was busy with other answers for too long; try again in a while"
 
@@ -158,6 +159,10 @@ class Generations:
     def get(self, message_id):
         return self._registry().get(message_id)
 
+    def ended(self, message_id):
+        """A generation that ended here a moment ago (its Live, final), or None."""
+        return self._registry().ended(message_id)
+
     def is_live(self, message_id):
         """Is this answer being generated in this process? (handed to webapp/answers.py)"""
         return self._registry().get(message_id) is not None
@@ -260,12 +265,33 @@ class _Registry:
     def __init__(self, app):
         self.app = app
         self._live = {}
+        self._ended = {}  # message id -> (monotonic time, Live): see _forget
         self._lock = threading.Lock()
         self._watchdog = None
         self.finisher = _Finisher()
 
     def get(self, message_id):
         return self._live.get(message_id)
+
+    def ended(self, message_id):
+        """The Live of a generation that ended here less than ENDED_SECONDS ago, or None."""
+        entry = self._ended.get(message_id)
+        return entry[1] if entry is not None and time.monotonic() - entry[0] <= ENDED_SECONDS else None
+
+    def _forget(self, job, live):
+        """The generation is no longer live here. Its Live (with the row as its final save stored it)
+        stays at hand for ENDED_SECONDS: a request that starts waiting just after a fast answer ended
+        gets it from memory instead of reading the row (service.wait_here)."""
+        now = time.monotonic()
+        with self._lock:
+            if live.final is not None:
+                self._ended[job.message_id] = (now, live)
+            self._live.pop(job.message_id, None)
+            while self._ended:
+                oldest = next(iter(self._ended))
+                if now - self._ended[oldest][0] <= ENDED_SECONDS:
+                    break
+                del self._ended[oldest]
 
     def ids(self):
         with self._lock:
@@ -303,8 +329,7 @@ class _Registry:
             generation.run()
             return generation
         finally:
-            with self._lock:
-                self._live.pop(job.message_id, None)
+            self._forget(job, live)
             live.finish()
 
     def abort(self, message_id):
@@ -330,8 +355,7 @@ class _Registry:
             try:
                 Generation(job, live, client, gather=self.window).run()
             finally:
-                with self._lock:
-                    self._live.pop(job.message_id, None)
+                self._forget(job, live)
                 live.finish()
                 db.session.remove()
 

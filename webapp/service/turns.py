@@ -432,9 +432,10 @@ def wait_final(message_id, timeout=None):
 
 def wait_here(message_id, timeout):
     """An answer generated in this process: wait up to `timeout` for its end. Its final Message once
-    it has ended (from memory where its save succeeded), False while it runs: nothing is read.
-    None when it is not generated here (or no longer is): follow it with wait_final."""
-    live = generations.get(message_id)
+    it has ended (from memory where its save succeeded, also a few seconds after it ended), False
+    while it runs: nothing is read. None when it is not generated here (or ended long ago): follow
+    it with wait_final."""
+    live = generations.get(message_id) or generations.ended(message_id)
     if live is None:
         return None
     if not live.wait_done(timeout):
