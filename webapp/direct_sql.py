@@ -30,7 +30,7 @@ _UNRESOLVED = object()
 
 
 class _Plan:
-    __slots__ = ("dialect", "compiled", "sql", "names", "binds", "results")
+    __slots__ = ("dialect", "compiled", "sql", "names", "binds", "results", "direct")
 
     def __init__(self, statement, dialect):
         compiled = statement.compile(dialect=dialect)
@@ -38,14 +38,10 @@ class _Plan:
         self.sql, self.names = _numbered(compiled.string)
         self.binds = compiled._bind_processors  # the types' bind processing, as SQLAlchemy applies it
         self.results = _UNRESOLVED  # the columns' result processors, known at the first run
-
-    @property
-    def direct(self):
-        """Nothing left for SQLAlchemy to do at execution: no column default or onupdate computed in
-        Python (prefetch), no IN-list expanded."""
-        compiled = self.compiled
-        return not (compiled.insert_prefetch or compiled.update_prefetch or compiled.post_compile_params
-                    or compiled.literal_execute_params)
+        # Nothing left for SQLAlchemy to do at execution: no column default or onupdate computed in
+        # Python (prefetch), no IN-list expanded.
+        self.direct = not (compiled.insert_prefetch or compiled.update_prefetch or compiled.post_compile_params
+                           or compiled.literal_execute_params)
 
     def parameters(self, params):
         values = self.compiled.construct_params(params)
@@ -110,6 +106,18 @@ def plan_for(engine, statement):
             return None
         plan = _plans[statement] = _Plan(statement, engine.dialect)
     return plan if plan.direct else None
+
+
+def execute(engine, statement, params, first=None):
+    """extensions.execute_alone's statement (and its `first`, when given) run here, when both may
+    be (plan_for): the rows; None when not, for the caller to run them through SQLAlchemy."""
+    plan = plan_for(engine, statement)
+    if plan is None:
+        return None
+    if first is None:
+        return run(engine, plan, params)
+    ahead = plan_for(engine, first[0])
+    return None if ahead is None else run(engine, plan, params, first=(ahead, first[1]))
 
 
 def run(engine, plan, params, first=None):

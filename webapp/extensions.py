@@ -43,10 +43,9 @@ def execute_alone(statement, params, first=None):
     engine = db.engine
     if engine.dialect.name != "postgresql":
         return None
-    plan = direct_sql.plan_for(engine, statement)
-    ahead = direct_sql.plan_for(engine, first[0]) if plan is not None and first is not None else None
-    if plan is not None and (first is None or ahead is not None):
-        return direct_sql.run(engine, plan, params, first=(ahead, first[1]) if first is not None else None)
+    rows = direct_sql.execute(engine, statement, params, first)
+    if rows is not None:
+        return rows
     if first is not None:
         with engine.begin() as connection:
             ahead = connection.execute(*first).all()
