@@ -176,3 +176,73 @@ def test_each_start_statement_is_compiled_once(api, monkeypatch):
         assert response.status_code == 200, response.get_json()
         conversation_id = response.get_json()["conversation_id"]
     assert len(compiled) == len({id(statement) for statement in compiled})
+
+
+# ---- /v1/chat/completions with a JWT: the same fold, OpenAI's 401 ----------------------------------
+
+V1 = "/v1/chat/completions"
+HISTORY = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+           {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "again"}]
+
+
+def v1_body(messages=None, **extra):
+    return {"model": "tinyllama", "messages": messages or [{"role": "user", "content": "hello"}], **extra}
+
+
+def test_v1_s_token_check_rides_on_the_start(api, database_url):
+    """A call that starts a conversation (with earlier messages or without) reads the token's row in
+    its start, as POST /chat/ does: no statement of its own before it (the answer is generated and
+    saved in the background)."""
+    app, client, _ = api
+    auth = bearer(login_token(client))
+    for messages in (None, HISTORY):
+        with statements_of_this_thread(app) as statements:
+            response = client.post(V1, json=v1_body(messages), headers=auth)
+            assert response.status_code == 200, response.get_json()
+        if database_url.startswith("postgresql"):
+            lock = ["WITH"] if app.config["USER_MAX_RUNNING"] else []  # the person's lock with the token's row
+            assert statements == [*lock, "WITH"], statements
+        assert response.get_json()["choices"][0]["message"]["content"] == REPLY
+    assert counts(app) == (2, 2 + 4)  # the system message is the second conversation's system prompt
+
+
+@pytest.mark.parametrize(("end", "message"), [(revoke, "token was revoked"),
+                                              (sign_out_everywhere, "token is no longer valid"),
+                                              (deactivate, "token is no longer valid")],
+                         ids=["revoked", "signed-out-everywhere", "account-disabled"])
+def test_v1_refuses_the_token_on_every_turn_and_writes_nothing(api, end, message):
+    """The fold's refusal is OpenAI's 401 invalid_api_key, on the first turn after the token ended
+    and every later one (the start is sent by psycopg from its second run), whatever else the
+    request holds: a continuation, a stream, an Idempotency-Key, a bad body."""
+    app, client, user_id = api
+    token = login_token(client)
+    for _ in range(3):  # the starts are kept compiled: the later refusals take that path
+        first = client.post(V1, json=v1_body(HISTORY), headers=bearer(token))
+        assert first.status_code == 200, first.get_json()
+    conversation_id = first.headers["X-Conversation-Id"]
+    before = counts(app)
+    end(app, client, token, user_id)
+    calls = [(v1_body(), {}), (v1_body(HISTORY), {}), (v1_body(HISTORY), {}),
+             (v1_body(HISTORY), {"X-Conversation-Id": conversation_id}), (v1_body(stream=True), {}),
+             (v1_body(), {"Idempotency-Key": "k1"}), (v1_body(n=2), {}), ({"messages": []}, {})]
+    for body, headers in calls:
+        response = client.post(V1, json=body, headers={**bearer(token), **headers})
+        assert response.status_code == 401, (body, response.get_json())
+        error = response.get_json()["error"]
+        assert error["code"] == "invalid_api_key" and message in error["message"], error
+    assert client.post(V1, data="not json", headers=bearer(token)).status_code == 401
+    assert counts(app) == before
+
+
+def test_v1_keeps_a_person_s_own_limits(api):
+    from webapp.extensions import db
+    from webapp.models import User
+    app, client, user_id = api
+    with app.app_context():
+        db.session.execute(update(User).where(User.id == user_id).values(max_per_minute=1))
+        db.session.commit()
+    auth = bearer(login_token(client))
+    assert client.post(V1, json=v1_body(), headers=auth).status_code == 200
+    refused = client.post(V1, json=v1_body(HISTORY), headers=auth)
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "rate_limit_exceeded"
+    assert counts(app) == (1, 2)

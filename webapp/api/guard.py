@@ -21,7 +21,7 @@ def token_checked_by_the_start(view):
     that start the turn where they can (service.token_check: no round trip of its own), else just
     before the start. The view gets the caller as `credential()`. Whatever else the view answers (a
     4xx for its body included) is answered only once the row passed: a refused token is always a 401."""
-    return _bearer_guard(view, _unchecked, _run_then_check)
+    return _bearer_guard(view, unchecked_bearer, _run_then_check)
 
 
 def _bearer_guard(view, identify, run):
@@ -49,8 +49,10 @@ def _run(view, args, kwargs):
     return view(*args, **kwargs)
 
 
-def _unchecked(token):
-    """An API key is checked at once (bearer_user); a JWT's row is left for later (tokens.Unchecked)."""
+def unchecked_bearer(token):
+    """An API key is checked at once (bearer_user); a JWT's row is left for later (tokens.Unchecked):
+    the view gets the caller as `credential()` and runs inside `checked_after`. Raises TokenError /
+    InvalidKey. (/v1's chat completions call this too.)"""
     if api_keys.looks_like_key(token):
         bearer_user(token)
     else:
@@ -59,17 +61,23 @@ def _unchecked(token):
 
 def _run_then_check(view, args, kwargs):
     try:
-        try:
-            response = view(*args, **kwargs)
-        except tokens.TokenError:  # the row refused, as the start read it
-            raise
-        except Exception:  # e.g. a 422 for the body: a refused token is a 401 whatever else is wrong
-            _check_if_unchecked()
-            raise
-        _check_if_unchecked()
-        return response
+        return checked_after(lambda: view(*args, **kwargs))
     except tokens.TokenError as exc:
         return _unauthorized(str(exc))
+
+
+def checked_after(call):
+    """call()'s result, with an unchecked JWT's row checked once call() returns or raises, unless the
+    start it made checked it: TokenError when the row refuses, whatever else call() raised."""
+    try:
+        result = call()
+    except tokens.TokenError:  # the row refused, as the start read it
+        raise
+    except Exception:  # e.g. a 422 for the body: a refused token is a 401 whatever else is wrong
+        _check_if_unchecked()
+        raise
+    _check_if_unchecked()
+    return result
 
 
 def credential():

@@ -28,7 +28,7 @@ from .. import service, stream_auth
 from ..auth import api_keys, tokens
 from ..errors import ANSWER_ERROR_STATUS, LLMError, ServiceError, with_http_headers
 from ..extensions import db, llm_service
-from .guard import bearer_user, idempotency_key, json_body, mark_replayed
+from .guard import bearer_user, checked_after, credential, idempotency_key, json_body, mark_replayed, unchecked_bearer
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -164,9 +164,16 @@ def authenticate():
         raise OpenAIError(401, "You didn't provide an API key. Send it as `Authorization: Bearer llmk_...` "
                                "(make one on the settings page).", code="invalid_api_key")
     try:
-        bearer_user(token.strip())
+        if request.endpoint == "v1.chat_completions":  # a JWT's row is checked by the statement that starts the turn
+            unchecked_bearer(token.strip())
+        else:
+            bearer_user(token.strip())
     except (tokens.TokenError, api_keys.InvalidKey) as exc:
-        raise OpenAIError(401, f"Incorrect API key provided: {exc}.", code="invalid_api_key") from None
+        raise refused(exc) from None
+
+
+def refused(exc):
+    return OpenAIError(401, f"Incorrect API key provided: {exc}.", code="invalid_api_key")
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -344,6 +351,15 @@ def conversation_ref(data):
 
 @bp.post("/chat/completions")
 def chat_completions():
+    """A JWT's row is checked by the start (service.token_check), or once the call is answered: a
+    refused token is a 401 whatever else is wrong with the request (as POST /chat/ answers)."""
+    try:
+        return checked_after(_chat_completions)
+    except tokens.TokenError as exc:
+        raise refused(exc) from None
+
+
+def _chat_completions():
     if not request.is_json:
         raise invalid(None, "send a JSON body with Content-Type: application/json", "invalid_json")
     try:  # the API's parser: it also refuses nesting too deep to parse and lone surrogates
@@ -356,7 +372,7 @@ def chat_completions():
     key = idempotency_key()
     _check_model(model)
     try:
-        turn = service.start_exchange(g.api_user, messages, conversation_id, model, g.request_id, options,
+        turn = service.start_exchange(credential(), messages, conversation_id, model, g.request_id, options,
                                       idempotency_key=key)
     except ServiceError as exc:
         if exc.code == "not_found":

@@ -207,12 +207,19 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
     out) is the start of `messages` — then only the messages past it are stored. When the stored path
     does not match (the client edited its history), a new conversation is made: nothing is lost and
     nothing is overwritten. Returns the Turn at once, as start_turn does (and replays as it does for
-    an `idempotency_key` seen before)."""
+    an `idempotency_key` seen before). `user`: the User, or a bearer token whose row is still to
+    check, as start_turn takes it (here the check rides on a new conversation's start only)."""
     model = check_model(model)
     options = check_options(options)
     prompt = clean_prompt(messages[-1]["content"])
+    fold = None
+    if isinstance(user, tokens.Unchecked):  # the row rides on a new conversation's one-statement start
+        fold = token_check.fold_for(user) if idempotency_key is None and conversation_id is None else None
+        if fold is None:
+            user = user.check_now()
 
     def start(claim):
+        nonlocal user
         conversation, stored = None, 0
         if conversation_id is not None:
             conversation = get_conversation(user, conversation_id)
@@ -229,7 +236,13 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
         earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
         if conversation is None:
             if claim is None:  # nothing to run first: the whole exchange in one statement
-                opened = _open_alone(user, prompt, model, request_id, guard_for(user), system, SOURCE_API, earlier)
+                opened = None
+                if fold is not None:
+                    opened = _open_alone(user, prompt, model, request_id, fold, system, SOURCE_API, earlier)
+                    user = user.user or user.check_now()  # the row as the statement read it, or now
+                if opened is None:
+                    opened = _open_alone(user, prompt, model, request_id, guard_for(user), system, SOURCE_API,
+                                         earlier)
                 if opened is not None:
                     return _launch(*opened, options, None, context=list(messages))
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
