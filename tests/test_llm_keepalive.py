@@ -47,3 +47,27 @@ def test_a_stopped_stream_does_not_poison_the_pool(ollama):
     assert ollama.wait_for_event("client_closed", timeout=3)
     ollama.script(reply="fine")
     assert "".join(c.text for c in client.chat_stream(MESSAGES, "tinyllama")) == "fine"
+
+
+def test_a_request_s_head_and_body_leave_in_one_send(backend, ollama, monkeypatch):
+    """urllib3 sends a request's head and body apart (two segments, two wake-ups of the model
+    server); the app's connections send them together. Every call the client makes: the chat on a
+    new and on a kept-alive connection, and the list of models (a GET: its head alone)."""
+    import socket
+    import threading
+    sends, me, original = [], threading.get_ident(), socket.socket.sendall
+
+    def counting(sock, data, *args):
+        if threading.get_ident() == me:  # not the model server's
+            sends.append(bytes(data))
+        return original(sock, data, *args)
+    monkeypatch.setattr(socket.socket, "sendall", counting)
+    for reply in ("one two", "three"):
+        ollama.script(reply=reply)
+        sends.clear()
+        assert "".join(c.text for c in backend.chat_stream(MESSAGES, "tinyllama")) == reply
+        assert len(sends) == 1 and sends[0].startswith(b"POST "), sends
+        assert b'"tinyllama"' in sends[0].split(b"\r\n\r\n", 1)[1], sends  # the body, after the head
+    sends.clear()
+    assert backend.list_models()
+    assert len(sends) == 1 and sends[0].startswith(b"GET ") and sends[0].endswith(b"\r\n\r\n"), sends

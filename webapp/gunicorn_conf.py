@@ -52,9 +52,11 @@ def worker_exit(server, worker):
 
 def post_worker_init(worker):
     """Each worker sweeps for answers orphaned by a crashed worker or replica (see answers.py),
-    listens for tokens pushed from other workers (see push.py), and says whether its waits are
-    cooperative."""
+    listens for tokens pushed from other workers (see push.py), sends each response's head with its
+    body (see gunicorn_response.py), and says whether its waits are cooperative."""
+    from webapp import gunicorn_response
     from webapp.capacity import describe_worker
+    gunicorn_response.install()  # a response's head leaves with its first body bytes
     app = _app(worker)
     if app is not None:
         from webapp.generation import generations

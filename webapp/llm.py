@@ -123,13 +123,34 @@ _tracking = threading.local()
 
 
 class _Tracked:
-    def request(self, *args, **kwargs):
+    """Also sends a request's head with its body (bytes: every call the app makes) in one send():
+    urllib3 sends them apart, two segments and two wake-ups of the model server instead of one."""
+    _head = None  # the head, held for the body while a request with a bytes body is being sent
+
+    def request(self, method, url, body=None, headers=None, **kwargs):
         abort = getattr(_tracking, "abort", None)
         if abort is not None:
             if self.sock is None:
                 self.connect()
             abort.attach(self.sock)
-        return super().request(*args, **kwargs)
+        if not isinstance(body, bytes) or not body or kwargs.get("chunked"):
+            return super().request(method, url, body=body, headers=headers, **kwargs)
+        self._head = b""  # the next send() is the head (http.client sends it whole)
+        try:
+            super().request(method, url, body=body, headers=headers, **kwargs)
+            if self._head:  # no body went after all: the head goes alone
+                super().send(self._head)
+        finally:
+            self._head = None
+
+    def send(self, data):
+        if self._head is None:
+            return super().send(data)
+        if not self._head:
+            self._head = data
+            return None
+        head, self._head = self._head, None
+        return super().send(head + data)
 
 
 class _TrackedHTTPConnection(_Tracked, urllib3.connection.HTTPConnection):
