@@ -65,11 +65,7 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     prompt = clean_prompt(prompt)
     model = check_model(model) if model is not None else None
     options = check_options(options)
-    fold = None
-    if isinstance(user, tokens.Unchecked):
-        fold = token_check.fold_for(user) if idempotency_key is None else None
-        if fold is None:
-            user = user.check_now()
+    user, fold = _with_fold(user, idempotency_key is None)
 
     def start(claim):
         nonlocal user, fold
@@ -96,6 +92,16 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
 
     return _once(user, idempotency_key, start, "chat", prompt=prompt, conversation_id=conversation_id,
                  model=model, options=options)
+
+
+def _with_fold(user, may_fold):
+    """(user, fold): a bearer token whose row can ride on the one-statement start (`may_fold`: no key
+    to claim first) stays unchecked, with how the start checks it (token_check); any other is
+    checked now."""
+    if not isinstance(user, tokens.Unchecked):
+        return user, None
+    fold = token_check.fold_for(user) if may_fold else None
+    return (user, fold) if fold is not None else (user.check_now(), None)
 
 
 def _start_alone(user, fold, conversation_id, prompt, model, keep_model, request_id):
@@ -212,11 +218,7 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
     model = check_model(model)
     options = check_options(options)
     prompt = clean_prompt(messages[-1]["content"])
-    fold = None
-    if isinstance(user, tokens.Unchecked):  # the row rides on a new conversation's one-statement start
-        fold = token_check.fold_for(user) if idempotency_key is None and conversation_id is None else None
-        if fold is None:
-            user = user.check_now()
+    user, fold = _with_fold(user, idempotency_key is None and conversation_id is None)  # a new one's start only
 
     def start(claim):
         nonlocal user
