@@ -68,13 +68,11 @@ def start_turn(user, prompt, conversation_id=None, model=None, request_id=None, 
     user, fold = _with_fold(user, idempotency_key is None)
 
     def start(claim):
-        nonlocal user, fold
+        nonlocal user
         opened = None
         if claim is None:
-            opened = _start_alone(user, fold, conversation_id, prompt, model, keep_model, request_id)
-            if opened is None and fold is not None:  # nothing written: the row as the statement read it, or now
-                user, fold = user.user or user.check_now(), None
-                opened = _start_alone(user, None, conversation_id, prompt, model, keep_model, request_id)
+            user, opened = _alone(user, fold, lambda guard: _start_alone(
+                user, guard, conversation_id, prompt, model, keep_model, request_id))
         if opened is not None:
             return _launch(*opened, options, [] if conversation_id is None else None, run_here=run_here)
         if conversation_id is None:
@@ -104,10 +102,21 @@ def _with_fold(user, may_fold):
     return (user, fold) if fold is not None else (user.check_now(), None)
 
 
-def _start_alone(user, fold, conversation_id, prompt, model, keep_model, request_id):
-    """start_turn's one-statement start (no key): the token's row checked in it (`fold`, a
-    token_check.Fold) or the per-person limits decided in it (when they are on)."""
-    guard = fold or guard_for(user)
+def _alone(user, fold, open_with):
+    """(user, opened): `open_with(guard)`, a one-statement start, with the token's row folded in
+    (`fold`), and where that wrote nothing (or there is no fold), with the person's own guard (the
+    per-person limits; None when off), once the row is known: as the statement read it, or now."""
+    if fold is not None:
+        opened = open_with(fold)
+        user = user.user or user.check_now()
+        if opened is not None:
+            return user, opened
+    return user, open_with(guard_for(user))
+
+
+def _start_alone(user, guard, conversation_id, prompt, model, keep_model, request_id):
+    """start_turn's one-statement start (no key): the token's row checked in it (`guard` a
+    token_check fold) or the per-person limits decided in it (a fairness Guard, when they are on)."""
     if conversation_id is None:
         return _open_alone(user, prompt, model, request_id, guard)
     return _continue_alone(user, conversation_id, prompt, model, keep_model, request_id, guard)
@@ -238,13 +247,8 @@ def start_exchange(user, messages, conversation_id=None, model=None, request_id=
         earlier = [(m["role"], m["content"]) for m in messages[stored:-1]]
         if conversation is None:
             if claim is None:  # nothing to run first: the whole exchange in one statement
-                opened = None
-                if fold is not None:
-                    opened = _open_alone(user, prompt, model, request_id, fold, system, SOURCE_API, earlier)
-                    user = user.user or user.check_now()  # the row as the statement read it, or now
-                if opened is None:
-                    opened = _open_alone(user, prompt, model, request_id, guard_for(user), system, SOURCE_API,
-                                         earlier)
+                user, opened = _alone(user, fold, lambda guard: _open_alone(
+                    user, prompt, model, request_id, guard, system, SOURCE_API, earlier))
                 if opened is not None:
                     return _launch(*opened, options, None, context=list(messages))
             conversation = create_conversation(user, title=title_from(prompt), model=model, system_prompt=system,
