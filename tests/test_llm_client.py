@@ -130,14 +130,17 @@ def test_abort_while_the_model_is_still_loading(backend, ollama):
     assert event is not None and event[1] - aborted_at < 1.0
 
 
-def test_a_chat_goes_straight_through_urllib3(backend, ollama, monkeypatch):
-    """A plain-HTTP model server with no proxy: the chat skips requests' per-call machinery (the session's
-    own urllib3 pool, kept alive as before) and still sends the session's headers (an API key)."""
+def test_a_chat_is_the_app_s_own_exchange(backend, ollama, monkeypatch):
+    """A plain-HTTP model server with no proxy: the chat skips requests' and urllib3's per-call
+    machinery (webapp.model_http, kept alive as before) and still sends the session's headers (an
+    API key)."""
     import requests
+    import urllib3
 
-    def no_requests(*args, **kwargs):
-        raise AssertionError("the chat went through requests.Session.request")
-    monkeypatch.setattr(requests.Session, "request", no_requests)
+    def not_this(*args, **kwargs):
+        raise AssertionError("the chat went through requests or urllib3")
+    monkeypatch.setattr(requests.Session, "request", not_this)
+    monkeypatch.setattr(urllib3.HTTPConnectionPool, "urlopen", not_this)
     backend.session.headers["Authorization"] = "Bearer sk-test"
     ollama.script(reply="straight through")
     assert text_of(backend.chat_stream(MESSAGES, "tinyllama"))[1] == "straight through"
@@ -158,6 +161,19 @@ def test_a_proxied_or_tls_model_server_is_left_to_requests(ollama, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert text_of(llm.OllamaClient(ollama.url).chat_stream(MESSAGES, "tinyllama"))[1]
     assert llm.OllamaClient("https://ollama.example")._direct is None
+
+
+def test_a_chat_left_to_requests_streams_gathers_and_keeps_its_connection(backend, ollama):
+    """Credentials for the model server (netrc's, here the session's own) leave the chat to requests:
+    the answer is still read by the app in windows, and its connection kept for the next one."""
+    backend.session.auth = ("user", "secret")
+    model = type(backend)(backend.base_url, session=backend.session, read_timeout=1.0, load_timeout=3.0)
+    assert model._direct is None
+    for reply in ("one two three", "four five"):
+        ollama.script(reply=reply, delay=0.01)
+        stream = model.chat_stream(MESSAGES, "tinyllama", gather=0.05)
+        assert stream.gathers and text_of(stream)[1] == reply
+    assert ollama.connections == 1 and ollama.requests[-1]["headers"]["Authorization"].startswith("Basic ")
 
 
 @pytest.mark.parametrize("line", [

@@ -103,7 +103,7 @@ def test_a_window_given_as_a_function_is_asked_before_each_read(ollama, reads):
 ])
 @pytest.mark.parametrize("window", [0.05, 0])
 def test_a_gathered_answer_fails_as_any_other(backend, ollama, script, error, window):
-    """The gathered body is taken out of its chunks by the app (llm._unchunked), not by urllib3: a
+    """The gathered body is taken out of its chunks by the app (model_http.unchunked), not by urllib3: a
     broken answer is still the same typed error, after the tokens that came."""
     ollama.script(reply="one two three four five", delay=0.01, **script)
     texts = []

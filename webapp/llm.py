@@ -20,6 +20,8 @@ import orjson
 import requests
 import urllib3
 
+from . import model_http
+
 log = logging.getLogger(__name__)
 
 
@@ -182,9 +184,9 @@ class Gathering:
     model was a quarter of the app's CPU in a burst of 1,000 streams, and the followers' wake-ups
     and sends as much again). When a read comes less than `window` after the last one, the rest of
     the window is slept out and everything that came meanwhile is taken at once. This only decides
-    when bytes are fetched: _unchunked takes them out of their chunks and gives the connection back
-    to the pool at the end. A Stop shuts the socket down: it is seen after the sleep, within
-    `window`. `window` may be a function, asked before each read: a worker widens its windows when
+    when bytes are fetched: model_http.unchunked takes them out of their chunks and gives the
+    connection back to the pool at the end. A Stop shuts the socket down: it is seen after the
+    sleep, within `window`. `window` may be a function, asked before each read: a worker widens its windows when
     it reads many answers at once (generation: the registry's window())."""
 
     READ_MAX = 64 * 1024
@@ -209,78 +211,21 @@ class Gathering:
         return data
 
 
-def _gathering(response, window):
-    """A Gathering for a chunked, undecoded answer (what Ollama and OpenAI-compatible servers
-    stream), taken out of its chunks by _unchunked; with a `window` of 0 it reads as bytes come.
-    None for anything else: urllib3 reads it."""
-    raw = getattr(response, "raw", None)
-    file = getattr(getattr(raw, "_fp", None), "fp", None)
-    if (file is None or not getattr(raw, "chunked", False) or not hasattr(file, "read1")
-            or raw.headers.get("content-encoding", "identity").lower() != "identity"):
-        return None
-    return Gathering(file, window)
-
-
-def _unchunked(file, raw):
-    """The body of a chunked answer, read from `file` (a Gathering over its socket) and taken out
-    of its chunks here, all that one read brought at once: urllib3 and http.client do it one chunk
-    at a time (one token each, ~5 us of Python apiece, a tenth of a burst's CPU). At the end, the
-    response is marked read and its connection goes back to the pool, as theirs would be; a
-    malformed or cut body is a ProtocolError after the whole chunks before it, as theirs is."""
-    buffer = b""
-    while True:
-        at, pieces, end = _split_chunks(buffer)
-        if pieces:
-            yield b"".join(pieces)
-        if end is not None:
-            if end == len(buffer):  # nothing after the body: the connection can be kept
-                raw._fp._close_conn()  # the http.client response is read (what its own reader does)
-                raw.release_conn()
-            return
-        buffer = buffer[at:]
-        if pieces:
-            continue  # what is left may be a malformed chunk: said now, not after another read
-        data = file.read1()  # one read of the socket (after the window, once begun)
-        if not data:
-            raise urllib3.exceptions.ProtocolError("the model server closed the answer before its end")
-        buffer += data
-
-
-def _split_chunks(buffer):
-    """The whole chunks' data at the start of `buffer`: (where the rest starts, [data...], where the
-    body ends or None). Raises ProtocolError at a malformed chunk, once the good ones are taken."""
-    at, pieces = 0, []
-    while (line_end := buffer.find(b"\r\n", at)) >= 0:
-        try:
-            size = int(buffer[at:line_end].split(b";", 1)[0], 16)
-        except ValueError:
-            size = -1
-        if size == 0:  # the last chunk: then trailers (none, in practice) and an empty line
-            end = buffer.find(b"\r\n\r\n", line_end)
-            return at, pieces, (end + 4 if end >= 0 else None)
-        if size > 0 and len(buffer) < line_end + 4 + size:
-            break  # the rest of this chunk is still to come
-        if size < 0 or buffer[line_end + 2 + size:line_end + 4 + size] != b"\r\n":
-            if pieces:  # the good chunks first; the error on the next read
-                break
-            raise urllib3.exceptions.ProtocolError("a malformed chunk from the model server")
-        pieces.append(buffer[line_end + 2:line_end + 2 + size])
-        at = line_end + 4 + size
-    return at, pieces, None
-
-
 class ChatStream:
     """Iterates the Chunks of one streamed answer; `abort()` may be called from any thread.
     `gather`: once the first token is out, read the socket at most once per this many seconds (a
     number, or a function giving it; Gathering)."""
 
-    def __init__(self, response, parse_lines, read_timeout, abort=None, gather=0.0):
-        self._response = response
+    def __init__(self, answer, parse_lines, read_timeout, abort=None, gather=0.0):
+        self._answer = answer  # a model_http.Answer, or a _RequestsAnswer
         self._parse_lines = parse_lines
         self._abort = abort or Abort()
-        self._gathering = _gathering(response, gather)
+        # A chunked, undecoded body (what Ollama and OpenAI-compatible servers stream) is read by
+        # the app; with a `gather` of 0 as the bytes come. Anything else: as its reader brings it.
+        self._gathering = (Gathering(answer.file, gather) if answer.chunked and not answer.encoded
+                           else None)
         self._windowed = bool(gather) and self._gathering is not None
-        sock = _socket_of(response)
+        sock = answer.sock
         if sock is not None:
             self._abort.attach(sock)
             if read_timeout:
@@ -301,7 +246,7 @@ class ChatStream:
 
     def close(self):
         self._abort.detach()
-        self._response.close()
+        self._answer.close()
 
     def __iter__(self):
         lines = self._lines()
@@ -338,9 +283,7 @@ class ChatStream:
     def _lines(self):
         """Split the body on newlines ourselves: multi-byte UTF-8 is only decoded per whole line."""
         buffer = b""
-        source = (_unchunked(self._gathering, self._response.raw) if self._gathering is not None
-                  else self._response.iter_content(chunk_size=4096))
-        for data in source:
+        for data in self._answer.body(self._gathering):
             if self.aborted:
                 raise Cancelled("stopped")
             buffer += data
@@ -386,7 +329,7 @@ class _HTTPBackend:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         _settle_environment(self.session, self.base_url)
-        self._direct = _direct_pool(self.session, adapter, self.base_url)
+        self._direct = _direct_pool(self.session, self.base_url)
         self._base_path = urllib3.util.parse_url(self.base_url).path or ""
 
     @contextlib.contextmanager
@@ -413,40 +356,44 @@ class _HTTPBackend:
     def _json(self, response):
         try:
             return response.json()
-        except ValueError:
+        except (ValueError, OSError):  # not JSON, or the body could not be read
             return {}
 
     def _open_stream(self, path, body, model, parse, abort, gather):
         """POST a streaming chat; headers may wait for a model load, so they get the load timeout."""
         if self._direct is not None:
-            response = self._post_direct(path, body, abort)
+            answer = self._post_direct(path, body, abort)
         else:
-            response = self._request("POST", path, json=body, stream=True, abort=abort,
-                                     timeout=(self.connect_timeout, self.load_timeout))
-        if response.status_code != 200:
-            raise self._status_error(response, model)
-        return ChatStream(response, parse, self.read_timeout, abort, gather)
+            answer = _RequestsAnswer(self._request("POST", path, json=body, stream=True, abort=abort,
+                                                   timeout=(self.connect_timeout, self.load_timeout)))
+        if answer.status != 200:
+            raise self._status_error(answer, model)
+        return ChatStream(answer, parse, self.read_timeout, abort, gather)
 
     def _post_direct(self, path, body, abort):
-        """The chat POST straight through the session's own urllib3 pool (the same kept-alive
-        connections and Abort tracking): requests' per-call work (preparing the request, hooks,
-        cookies, its Response) was half of a short answer's client time (0.99 ms against 0.47)."""
-        with self._calling(path, abort, (urllib3.exceptions.HTTPError, OSError), _direct_error):
-            return _DirectResponse(self._direct().urlopen(
-                "POST", self._base_path + path, body=json.dumps(body).encode(),
-                headers={**self.session.headers, "Content-Type": "application/json"},
-                timeout=urllib3.Timeout(connect=self.connect_timeout, read=self.load_timeout),
-                preload_content=False, retries=False, redirect=False))
+        """The chat POST as one lean exchange of the app's own (model_http), over its kept-alive
+        connections: requests' per-call work was half of a short answer's client time (0.99 ms
+        against 0.47), and urllib3's and http.client's most of the rest."""
+        headers = {**self.session.headers, "Content-Type": "application/json",
+                   "Accept-Encoding": "identity"}  # the body is read as it comes: not compressed
+        with self._calling(path, abort, (OSError, ValueError), _direct_error):
+            answer = self._direct.post(self._base_path + path, json.dumps(body).encode(), headers,
+                                       connect_timeout=self.connect_timeout,
+                                       head_timeout=self.load_timeout, abort=abort)
+        if answer.encoded:
+            answer.close()
+            raise UpstreamError("the model server compressed its answer, which was not asked for")
+        return answer
 
     def _status_error(self, response, model):
         # Ollama says {"error": "text"}; OpenAI-compatible servers {"error": {"message": "text"}}.
         error = self._json(response).get("error")
         message = error.get("message") if isinstance(error, dict) else error
-        message = message or f"status {response.status_code}"
+        message = message or f"status {response.status}"
         response.close()
-        if response.status_code == 404:
+        if response.status == 404:
             return ModelNotFound(f"model '{model}' not found on the model server")
-        if response.status_code == 503:
+        if response.status == 503:
             return LLMUnreachable(f"the model server is busy: {message}")
         return UpstreamError(f"the model server failed: {message}")
 
@@ -465,45 +412,55 @@ def _settle_environment(session, base_url):
     session.trust_env = False
 
 
-def _direct_pool(session, adapter, base_url):
-    """The session's urllib3 pool for the model server when a chat may skip requests: plain HTTP, no
+def _direct_pool(session, base_url):
+    """The app's own connections to the model server when a chat may skip requests: plain HTTP, no
     proxy for it, no netrc credentials (the usual local Ollama or vLLM). Else None: requests does it."""
     if not base_url.startswith("http://") or session.auth is not None:
         return None
     if requests.utils.select_proxy(base_url, session.proxies):
         return None
     url = urllib3.util.parse_url(base_url)
-    # Looked up per call (a dict lookup): the manager may replace a pool it evicted.
-    return lambda: adapter.poolmanager.connection_from_host(url.host, url.port, url.scheme)
+    return model_http.Pool(url.host, url.port or 80, max_idle=64)
 
 
-class _DirectResponse:
-    """What ChatStream and _status_error use of a requests.Response, over urllib3's own."""
+class _RequestsAnswer:
+    """A requests.Response as ChatStream reads a model_http.Answer (a TLS or proxied model server):
+    a chunked, undecoded body is taken out of its chunks by the app from http.client's file."""
 
-    def __init__(self, raw):
-        self.raw = raw
-        self.status_code = raw.status
+    def __init__(self, response):
+        self._response = response
+        self.status = response.status_code
+        self.sock = _socket_of(response)
+        raw = response.raw
+        file = getattr(getattr(raw, "_fp", None), "fp", None)
+        self.file = file if hasattr(file, "read1") else None
+        self.chunked = self.file is not None and bool(getattr(raw, "chunked", False))
+        self.encoded = raw.headers.get("content-encoding", "identity").lower() != "identity"
 
-    def iter_content(self, chunk_size):
-        return self.raw.stream(chunk_size)
+    def body(self, source):
+        if source is None:
+            return self._response.iter_content(chunk_size=4096)
+        return model_http.unchunked(source, self._done)
+
+    def _done(self):
+        raw = self._response.raw
+        raw._fp._close_conn()  # the http.client response is read (what its own reader does)
+        raw.release_conn()
 
     def json(self):
-        return json.loads(self.raw.data)
+        return self._response.json()
 
     def close(self):
-        """As requests does: a body read to its end has already gone back to the pool (kept alive);
-        one cut short closes its connection."""
-        self.raw.close()
-        self.raw.release_conn()
+        self._response.close()
 
 
 def _direct_error(exc):
-    """The typed error _request_error gives for what requests makes of the same urllib3 error."""
-    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):  # NewConnectionError is one too
+    """The typed error _request_error gives for what requests makes of the same failure."""
+    if isinstance(exc, model_http.ConnectFailed):
         return LLMUnreachable("cannot reach the model server")
-    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+    if isinstance(exc, TimeoutError):
         return LLMTimeout("the model server did not answer in time")
-    if isinstance(exc, (urllib3.exceptions.ProtocolError, OSError)):
+    if isinstance(exc, OSError):
         return LLMUnreachable("cannot reach the model server")
     return UpstreamError("the request to the model server failed")
 
