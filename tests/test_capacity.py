@@ -103,6 +103,9 @@ def test_workers_are_gevent_with_cooperative_database_waits(servers):
     assert "Using worker: gevent" in log
     assert re.search(r"worker \d+: gevent, cooperative waits \(psycopg wait_(poll|select|selector)\)", log), log
     assert "BUT" not in log
+    # The loaded app is left out of the worker's garbage collections (gc.freeze), after it loaded.
+    frozen = [int(count) for count in re.findall(r"; (\d+) objects of the loaded app frozen", log)]
+    assert frozen and min(frozen) > 50_000, log
 
 
 def test_consecutive_turns_reuse_one_connection_to_the_model(servers, ollama):

@@ -55,11 +55,13 @@ def test_the_same_bytes_in_fewer_sends(request_, status, headers, writes, sends)
     assert (len(theirs), len(ours)) == sends, (theirs, ours)
 
 
-def test_each_worker_installs_it():
+def test_each_worker_installs_it(monkeypatch):
     """gunicorn's workers build their responses with wsgi.create's module-level Response."""
+    import gc
     import runpy
     from pathlib import Path
 
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # what a worker does after; not to this process
     conf = runpy.run_path(str(Path(__file__).parent.parent / "webapp" / "gunicorn_conf.py"))
 
     class Worker:
