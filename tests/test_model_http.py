@@ -222,3 +222,23 @@ def test_at_most_max_idle_connections_are_kept(serve):
     for _ in range(3):
         assert b"".join(pool.post("/api/chat", b"{}", {}, connect_timeout=1, head_timeout=1).body()) == BODY
     assert server.connections == 4  # reused
+
+
+def test_an_address_is_connected_to_without_a_lookup_and_a_name_is_looked_up(serve, monkeypatch):
+    """Under gevent a name lookup is a hand-off to a thread: an IP address needs none. A name is
+    looked up for each new connection (the model server's address may change)."""
+    from webapp import model_http
+    server = serve()
+    port = int(server.url.rsplit(":", 1)[1])
+    lookups, lookup = [], socket.getaddrinfo
+
+    def counted(host, *args, **kwargs):
+        lookups.append(host)
+        return lookup(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", counted)
+    answer = model_http.Pool("127.0.0.1", port).post("/api/chat", b"{}", {}, connect_timeout=1, head_timeout=1)
+    assert b"".join(answer.body()) == BODY and lookups == []
+    answer = model_http.Pool("localhost", port).post("/api/chat", b"{}", {}, connect_timeout=1, head_timeout=1)
+    assert b"".join(answer.body()) == BODY and lookups == ["localhost"]
+    with pytest.raises(model_http.ConnectFailed):
+        model_http.Pool("127.0.0.1", 9).post("/api/chat", b"{}", {}, connect_timeout=1, head_timeout=1)
