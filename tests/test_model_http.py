@@ -242,3 +242,17 @@ def test_an_address_is_connected_to_without_a_lookup_and_a_name_is_looked_up(ser
     assert b"".join(answer.body()) == BODY and lookups == ["localhost"]
     with pytest.raises(model_http.ConnectFailed):
         model_http.Pool("127.0.0.1", 9).post("/api/chat", b"{}", {}, connect_timeout=1, head_timeout=1)
+
+
+def test_an_answer_closed_before_its_end_closes_its_connection_at_once(ollama):
+    """Closing a stream midway (no Stop) hangs up on the model server then, not when the answer is
+    garbage-collected: a socket's descriptor stays open while a file made of it is."""
+    ollama.script(reply="a b c d e f g h", delay=0.2)
+    stream = llm.OllamaClient(ollama.url, read_timeout=2.0, load_timeout=3.0).chat_stream(MESSAGES, "tinyllama")
+    tokens = iter(stream)
+    assert next(tokens).text == "a "
+    closed_at = time.monotonic()
+    stream.close()
+    event = ollama.wait_for_event("client_closed", timeout=2)
+    assert event is not None and event[1] - closed_at < 1.0
+    assert stream._answer is not None  # still referenced: not the garbage collector's doing

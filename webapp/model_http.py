@@ -57,13 +57,13 @@ class Pool:
                 sock.sendall(message)
                 return Answer(self, sock, file)
             except (ProtocolError, ConnectionResetError, BrokenPipeError) as exc:
-                sock.close()
+                _close(sock, file)
                 # A kept-alive socket the server closed as the request went out: it never saw it.
                 closed = not isinstance(exc, ProtocolError) or exc.before_answer
                 if not (reused and closed) or (abort is not None and abort.requested):
                     raise
             except BaseException:
-                sock.close()
+                _close(sock, file)
                 raise
 
     def _request(self, path, body, headers):
@@ -81,7 +81,7 @@ class Pool:
             sock, file = self._idle.pop()
             if not wait_for_read(sock, timeout=0):  # nothing to read: not closed by the server
                 return sock, file, True
-            sock.close()
+            _close(sock, file)
         try:
             sock = self._connect(connect_timeout)
         except OSError as exc:
@@ -107,7 +107,7 @@ class Pool:
         if len(self._idle) < self._max_idle:
             self._idle.append((sock, file))
         else:
-            sock.close()
+            _close(sock, file)
 
 
 class Answer:
@@ -211,14 +211,14 @@ class Answer:
             if self._reusable:
                 self._pool._keep(self.sock, self.file)
             else:
-                self.sock.close()
+                _close(self.sock, self.file)
 
     def close(self):
         """Done with the answer: a body not read to its end closes the connection (the server sees
         the client leave, which is how Ollama learns to stop generating)."""
         if self._open:
             self._open = False
-            self.sock.close()
+            _close(self.sock, self.file)
 
 
 class _Reads:
@@ -229,6 +229,12 @@ class _Reads:
 
     def read1(self):
         return self._file.read1(65536)
+
+
+def _close(sock, file):
+    """Close a connection now: a socket's descriptor stays open while a file made of it is."""
+    file.close()
+    sock.close()
 
 
 def _family_of(host):
