@@ -256,3 +256,26 @@ def test_an_answer_closed_before_its_end_closes_its_connection_at_once(ollama):
     event = ollama.wait_for_event("client_closed", timeout=2)
     assert event is not None and event[1] - closed_at < 1.0
     assert stream._answer is not None  # still referenced: not the garbage collector's doing
+
+
+def test_threads_share_one_client_s_connections(ollama):
+    """Without gevent (the dev server, the tests) generations are threads, all taking and giving
+    back connections of one pool at once: every answer arrives whole, and no more connections
+    are opened than answers ran at once."""
+    model = llm.OllamaClient(ollama.url, read_timeout=2.0, load_timeout=3.0)
+    ollama.script(reply="one two three", delay=0.001)
+    failures, texts = [], []
+
+    def chat():
+        try:
+            for _ in range(10):
+                texts.append("".join(chunk.text for chunk in model.chat_stream(MESSAGES, "tinyllama")))
+        except Exception as exc:  # noqa: BLE001 - reported below with what it was
+            failures.append(repr(exc))
+    threads = [threading.Thread(target=chat) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failures and texts == ["one two three"] * 80
+    assert ollama.connections <= 8

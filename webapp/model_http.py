@@ -77,8 +77,11 @@ class Pool:
 
     def _connection(self, connect_timeout):
         """A kept-alive socket that is still open (reused=True), else a new one."""
-        while self._idle:
-            sock, file = self._idle.pop()
+        while True:
+            try:
+                sock, file = self._idle.pop()  # taken whole: generations may be threads (no gevent)
+            except IndexError:
+                break
             if not wait_for_read(sock, timeout=0):  # nothing to read: not closed by the server
                 return sock, file, True
             _close(sock, file)
