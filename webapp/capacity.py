@@ -53,7 +53,8 @@ from flask import g, has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
-from werkzeug.wsgi import ClosingIterator
+
+from .wsgi_body import after_body
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class OpenRequests:
         except BaseException:
             self._add(-1)
             raise
-        return ClosingIterator(body, lambda: self._add(-1))
+        return after_body(body, lambda: self._add(-1), environ)  # a file keeps the server's sendfile
 
 
 def open_requests(app):

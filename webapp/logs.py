@@ -12,6 +12,8 @@ import uuid
 
 from flask import g, request
 
+from .wsgi_body import after_body
+
 request_id_var = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("webapp.access")
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -66,14 +68,21 @@ def init_request_ids(app):
         response.headers["X-Request-ID"] = request_id
         method, path, started, user = request.method, request.path, g.get("started", time.monotonic()), _user()
 
+        written = []
+
         def write():
             # Runs when the body is fully sent: durations of streams are their whole length.
+            if written:  # a file's HEAD or 304: werkzeug closes the file and then runs this too
+                return
+            written.append(True)
             token = request_id_var.set(request_id)
             access_log.info("%s %s %s %.1fms user=%s", method, path, response.status_code,
                             (time.monotonic() - started) * 1000, user)
             request_id_var.reset(token)
 
         response.call_on_close(write)
+        if response.direct_passthrough:  # a file (static, export): werkzeug hands it to the server
+            response.response = after_body(response.response, write, request.environ)  # as it is
         return response
 
 
