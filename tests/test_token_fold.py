@@ -65,10 +65,14 @@ def deactivate(app, client, token, user_id):
         db.session.commit()
 
 
-@pytest.mark.parametrize(("end", "message"), [(revoke, "token was revoked"),
-                                              (sign_out_everywhere, "token is no longer valid"),
-                                              (deactivate, "token is no longer valid")],
-                         ids=["revoked", "signed-out-everywhere", "account-disabled"])
+# The ways a token ends, and what the refusal says: both API doors are checked against each.
+ENDINGS = pytest.mark.parametrize(("end", "message"), [(revoke, "token was revoked"),
+                                                       (sign_out_everywhere, "token is no longer valid"),
+                                                       (deactivate, "token is no longer valid")],
+                                  ids=["revoked", "signed-out-everywhere", "account-disabled"])
+
+
+@ENDINGS
 def test_a_refused_token_writes_nothing(api, end, message):
     app, client, user_id = api
     token = login_token(client)
@@ -206,10 +210,7 @@ def test_v1_s_token_check_rides_on_the_start(api, database_url):
     assert counts(app) == (2, 2 + 4)  # the system message is the second conversation's system prompt
 
 
-@pytest.mark.parametrize(("end", "message"), [(revoke, "token was revoked"),
-                                              (sign_out_everywhere, "token is no longer valid"),
-                                              (deactivate, "token is no longer valid")],
-                         ids=["revoked", "signed-out-everywhere", "account-disabled"])
+@ENDINGS
 def test_v1_refuses_the_token_on_every_turn_and_writes_nothing(api, end, message):
     """The fold's refusal is OpenAI's 401 invalid_api_key, on the first turn after the token ended
     and every later one (the start is sent by psycopg from its second run), whatever else the

@@ -186,8 +186,8 @@ class Gathering:
     the window is slept out and everything that came meanwhile is taken at once. This only decides
     when bytes are fetched: model_http.unchunked takes them out of their chunks and gives the
     connection back to the pool at the end. A Stop shuts the socket down: it is seen after the
-    sleep, within `window`. `window` may be a function, asked before each read: a worker widens its windows when
-    it reads many answers at once (generation: the registry's window())."""
+    sleep, within `window`. `window` may be a function, asked before each read: a worker widens
+    its windows when it reads many answers at once (generation: the registry's window())."""
 
     READ_MAX = 64 * 1024
 
