@@ -192,6 +192,18 @@ def test_an_error_answer_s_json_is_read_whole_and_the_connection_kept(serve):
     assert server.connections == 1
 
 
+def test_an_answer_without_a_body_is_not_waited_on(serve):
+    """A 204 has no body whatever its headers say: the error comes at once, not after the load
+    timeout spent waiting for a body that the kept-alive connection never brings."""
+    server = serve(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", OK)
+    model = client(server)
+    started = time.monotonic()
+    with pytest.raises(llm.UpstreamError):
+        model.chat_stream(MESSAGES, "tinyllama")
+    assert time.monotonic() - started < 1.0
+    assert text(model.chat_stream(MESSAGES, "tinyllama")) == "one two" and server.connections == 1
+
+
 def test_a_head_that_never_comes_is_a_timeout(serve):
     server = serve(lambda conn: time.sleep(3))
     started = time.monotonic()

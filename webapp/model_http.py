@@ -124,8 +124,11 @@ class Answer:
         self.headers = self._read_headers()
         connection = self.headers.get("connection", "").lower()
         coding = self.headers.get("transfer-encoding", "").lower()
-        self.chunked = coding.rsplit(",", 1)[-1].strip() == "chunked"
-        self.length = None if self.chunked or coding else _length(self.headers.get("content-length"))
+        if self.status in (204, 304):  # no body, whatever the headers say (RFC 9112, 6.3)
+            self.chunked, self.length = False, 0
+        else:
+            self.chunked = coding.rsplit(",", 1)[-1].strip() == "chunked"
+            self.length = None if self.chunked or coding else _length(self.headers.get("content-length"))
         # Kept alive: HTTP/1.1, not asked to close, and a body whose end is known.
         self._reusable = (version == "HTTP/1.1" and "close" not in connection
                           and (self.chunked or self.length is not None))
