@@ -212,6 +212,10 @@ def test_orphans_are_swept_even_when_nobody_looks(servers, app, ollama):
     from webapp.models import Conversation
     with app.app_context():
         assert db.session.get(Conversation, start["conversation_id"]).active_message_id is None
+    # The sweeper writes its line after its commit: the status can be seen before the line is.
+    deadline = time.monotonic() + 5
+    while "orphaned by a dead worker" not in survivor.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "orphaned by a dead worker" in survivor.log_text()
 
 
